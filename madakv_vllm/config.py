@@ -1,0 +1,141 @@
+"""MadaKV configuration: one pydantic model holding every knob of the method.
+
+Server-wide values come from ``--additional-config '{"madakv": {...}}'`` or a
+YAML file (``MADAKV_CONFIG=path`` or ``{"madakv": {"config_file": path}}``);
+per-request overrides come from ``SamplingParams.extra_args`` /
+OpenAI ``vllm_xargs`` (keys prefixed ``madakv_``). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+POLICIES = ("madakv", "full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "lookm")
+PolicyName = Literal["madakv", "full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "lookm"]
+
+# Modality ids used everywhere (policies, provenance, tests).
+TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
+MODALITY_IDS = {"text": TEXT, "image": IMAGE, "video": VIDEO, "audio": AUDIO}
+NUM_MODALITIES = 4
+
+
+class MadaKVConfig(BaseModel):
+    """Every knob of MadaKV and its baselines. See docs/method.md for each reading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: PolicyName = "madakv"
+    # float in (0, 1]: fraction of the prompt kept per KV head (on average);
+    # int >= 1: absolute number of tokens kept per KV head (on average).
+    budget: Union[StrictInt, float] = 0.2
+    window: int = Field(32, ge=1, description="observation window W: last W prompt tokens; always kept")
+    kernel_size: int = Field(5, ge=1, description="1-D pooling kernel over scores (SnapKV); 1 disables")
+    pooling: Literal["avg", "max"] = "avg"
+    sink_tokens: int = Field(0, ge=0, description="first tokens always kept (StreamingLLM sinks)")
+    theta: float = Field(0.9, gt=0.0, le=1.0, description="HCC: attention mass a head's demand must cover")
+    min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
+    mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
+    hcc: bool = Field(True, description="MadaKV: hierarchical compression compensation on/off (ablation)")
+    recompress_interval: int = Field(
+        0, ge=0, description="re-compress every N generated tokens (0 = only once, after the prompt)"
+    )
+    min_prompt_len: int = Field(0, ge=0, description="prompts shorter than this are never compressed")
+    pyramid_beta: float = Field(20.0, gt=0.0, description="PyramidKV: top/bottom layer budget ratio parameter")
+    adakv_alpha: float = Field(0.2, ge=0.0, le=1.0, description="AdaKV: per-head floor as a fraction of the budget")
+    h2o_recent_ratio: float = Field(0.5, ge=0.0, le=1.0, description="H2O: share of the budget for recent tokens")
+
+    @field_validator("budget")
+    @classmethod
+    def _check_budget(cls, v: Union[int, float]) -> Union[int, float]:
+        if isinstance(v, bool):
+            raise ValueError("budget must be a fraction in (0, 1] or a token count >= 1")
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("budget as a token count must be >= 1")
+        elif not (0.0 < v <= 1.0):
+            raise ValueError("budget as a fraction must be in (0, 1]; give an int for a token count")
+        return v
+
+    @property
+    def head_floor(self) -> int:
+        return self.min_per_head if self.min_per_head is not None else self.window
+
+    def budget_tokens(self, prompt_len: int) -> int:
+        """Average tokens kept per (layer, KV head) for a prompt of ``prompt_len``.
+
+        The window (and sinks) always fit: the result is clamped to
+        [min(prompt_len, window + sinks), prompt_len]. ``full`` keeps all.
+        """
+        if self.policy == "full" or prompt_len < self.min_prompt_len:
+            return prompt_len
+        if isinstance(self.budget, int):
+            b = self.budget
+        else:
+            b = int(round(self.budget * prompt_len))
+        lo = min(prompt_len, self.window + self.sink_tokens)
+        return max(lo, min(prompt_len, b))
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> "MadaKVConfig":
+        """A copy with per-request overrides, validated (raises ValueError naming the field)."""
+        if not overrides:
+            return self
+        return parse_config({**self.model_dump(), **overrides})
+
+
+REQUEST_PREFIX = "madakv_"
+
+
+def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    """Pick ``madakv_*`` keys out of SamplingParams.extra_args (prefix stripped)."""
+    if not extra_args:
+        return {}
+    return {k[len(REQUEST_PREFIX):]: v for k, v in extra_args.items() if k.startswith(REQUEST_PREFIX)}
+
+
+class MadaKVConfigError(ValueError):
+    pass
+
+
+def parse_config(data: dict[str, Any] | None) -> MadaKVConfig:
+    """Validate a dict; errors name the offending field, e.g. ``madakv.budget: ...``."""
+    data = dict(data or {})
+    path = data.pop("config_file", None)
+    if path is not None:
+        data = {**load_yaml(path), **data}
+    try:
+        return MadaKVConfig(**data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+            msgs.append(f"madakv.{loc}: {err['msg']} (got {err.get('input')!r})")
+        raise MadaKVConfigError("invalid MadaKV config: " + "; ".join(msgs)) from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise MadaKVConfigError(f"{path}: expected a mapping at the top level")
+    # Accept both a bare mapping and one nested under "madakv".
+    if set(data) == {"madakv"}:
+        data = data["madakv"] or {}
+    return data
+
+
+def config_from_vllm(additional_config: dict[str, Any] | None) -> MadaKVConfig:
+    """Server-wide config: MADAKV_CONFIG file, then ``additional_config['madakv']`` on top."""
+    base: dict[str, Any] = {}
+    env_path = os.environ.get("MADAKV_CONFIG")
+    if env_path:
+        base.update(load_yaml(env_path))
+    sub = (additional_config or {}).get("madakv") or {}
+    if not isinstance(sub, dict):
+        raise MadaKVConfigError("additional_config.madakv must be a mapping")
+    return parse_config({**base, **sub})

@@ -1,0 +1,282 @@
+"""Worker side: per-request retained-KV state, selection and compaction.
+
+Timeline of one request (see madakv_vllm/accounting.py for the page contract):
+1. Prefill chunks run in the stock layout (head h of page p is sub-block p*H+h);
+   the last ``window`` queries of every layer are kept.
+2. In the step whose chunk completes the prompt (length C), every layer, right
+   after its attention, asks the policy which tokens each KV head keeps. After
+   the LAST layer, all layers' retained entries are gathered and re-written,
+   packed, into the sub-blocks of the pages the request keeps. The scheduler
+   frees the other pages when it next schedules, i.e. after this step.
+3. Decoding appends each new token to every (layer, head) sequence; new
+   sub-blocks come from pages the scheduler appends.
+4. Every ``recompress_interval`` tokens, each head drops back to its retained
+   count (window kept) and is re-packed the same way.
+Logical positions never change (RoPE is applied before the cache); only
+physical slots, per-head lengths and block tables do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from madakv_vllm.accounting import CompressionPlan, plan_compression
+from madakv_vllm.config import MadaKVConfig, request_overrides
+from madakv_vllm.integration.paged import FlatKVCache
+from madakv_vllm.modality import modality_array
+
+logger = logging.getLogger("madakv_vllm")
+
+
+@dataclass
+class RequestKV:
+    req_id: str
+    cfg: MadaKVConfig
+    num_prompt_tokens: int
+    mm_features: list
+    decided: bool = False
+    plan: CompressionPlan | None = None
+    # rolling window of the most recent queries, per layer: [Hq, W, D]
+    queries: list[torch.Tensor | None] = field(default_factory=list)
+    num_queries: int = 0
+    # compressed layout (valid once `compressed`)
+    compressed: bool = False
+    event_len: int = 0
+    sub: torch.Tensor | None = None  # [L, H, cap] flat sub-block ids (int64)
+    nsub: torch.Tensor | None = None  # [L, H]
+    lens: torch.Tensor | None = None  # [L, H] entries per (layer, head)
+    base_counts: torch.Tensor | None = None  # [L, H] retained after the prompt's compression
+    ent_mod: torch.Tensor | None = None  # [L, H, cap_tokens] modality of each entry
+    ent_pos: torch.Tensor | None = None  # [L, H, cap_tokens] logical position of each entry
+    free: list[int] = field(default_factory=list)
+    known_blocks: int = 0
+
+    @property
+    def tracks_queries(self) -> bool:
+        return not (self.decided and self.plan is None)
+
+    def push_queries(self, layer: int, q: torch.Tensor, window: int) -> None:
+        """q: [n, Hq, D] of this step's tokens (in order)."""
+        q = q[-window:].transpose(0, 1)  # [Hq, n, D]
+        buf = self.queries[layer]
+        buf = q.clone() if buf is None else torch.cat([buf, q], dim=1)[:, -window:]
+        self.queries[layer] = buf
+
+
+@dataclass
+class Event:
+    row: int  # batch row
+    req: RequestKV
+    length: int  # logical length after this step
+    kind: str  # "prompt" | "recompress"
+    block_ids: list[int]
+    kept: list = field(default_factory=list)  # per layer: list of H index tensors
+    policy_state: object = None
+
+
+class EvictionState:
+    """All MadaKV requests of one worker (one KV cache group)."""
+
+    def __init__(self, server_config: MadaKVConfig, layer_names: list[str], num_kv_heads: int, num_heads: int, head_size: int, block_size: int):
+        self.server_config = server_config
+        self.layer_names = layer_names  # in model order
+        self.layer_index = {n: i for i, n in enumerate(layer_names)}
+        self.num_layers = len(layer_names)
+        self.H, self.Hq, self.D, self.bs = num_kv_heads, num_heads, head_size, block_size
+        self.G = num_heads // num_kv_heads
+        self.requests: dict[str, RequestKV] = {}
+        self.cache: FlatKVCache | None = None
+
+    # --- request lifecycle ----------------------------------------------------
+
+    def drop(self, req_ids) -> None:
+        for rid in req_ids:
+            self.requests.pop(rid, None)
+
+    def request(self, req_id: str, req_state) -> RequestKV:
+        rs = self.requests.get(req_id)
+        if rs is None:
+            params = req_state.sampling_params
+            try:
+                cfg = self.server_config.with_overrides(request_overrides(params.extra_args if params else None))
+            except ValueError as e:
+                logger.warning("madakv: ignoring invalid per-request args of %s: %s", req_id, e)
+                cfg = self.server_config
+            rs = RequestKV(req_id, cfg, req_state.num_prompt_tokens, list(req_state.mm_features or []))
+            rs.queries = [None] * self.num_layers
+            self.requests[req_id] = rs
+        return rs
+
+    # --- per step ---------------------------------------------------------------
+
+    def plan_row(self, row: int, rs: RequestKV, length: int, block_ids: list[int]) -> Event | None:
+        """Decide whether this step's chunk triggers a compression event."""
+        if not rs.decided:
+            if length < rs.num_prompt_tokens:
+                return None
+            rs.decided = True
+            rs.plan = plan_compression(rs.cfg, length, self.bs)
+            if rs.plan is None:
+                rs.queries = [None] * self.num_layers  # never needed again
+                return None
+            return Event(row, rs, length, "prompt", list(block_ids))
+        if rs.compressed and rs.plan.interval > 0 and length > rs.event_len and rs.plan.event_len(length) == length:
+            return Event(row, rs, length, "recompress", list(block_ids))
+        return None
+
+    def append_slots(self, rs: RequestKV, block_ids: list[int], position: int) -> torch.Tensor:
+        """Reserve one slot per (layer, head) for a compressed request's next token.
+
+        Returns [L, H] flat slots and advances the lengths.
+        """
+        c = self.cache
+        for j in range(rs.known_blocks, len(block_ids)):
+            page = block_ids[j]
+            rs.free.extend(int(c.subblock(l, page, h)) for l in range(self.num_layers) for h in range(self.H))
+        rs.known_blocks = len(block_ids)
+        n = rs.lens
+        need = (n % self.bs == 0) & (n // self.bs == rs.nsub)
+        k = int(need.sum())
+        if k:
+            if k > len(rs.free):
+                raise RuntimeError(f"madakv: request {rs.req_id} ran out of owned sub-blocks (accounting bug)")
+            self._ensure_capacity(rs, int(rs.nsub.max()) + 1)
+            new = torch.tensor(rs.free[:k], dtype=torch.long)
+            del rs.free[:k]
+            li, hi = need.nonzero(as_tuple=True)
+            rs.sub[li, hi, rs.nsub[li, hi]] = new
+            rs.nsub[li, hi] += 1
+        idx = n // self.bs
+        slots = torch.gather(rs.sub, 2, idx.unsqueeze(-1)).squeeze(-1) * self.bs + n % self.bs
+        self._ensure_tokens(rs, int(n.max()) + 1)
+        rs.ent_mod.scatter_(2, n.unsqueeze(-1), 0)  # generated tokens are text
+        rs.ent_pos.scatter_(2, n.unsqueeze(-1), position)
+        rs.lens = n + 1
+        return slots
+
+    # --- selection (after each layer's attention) ---------------------------------
+
+    def select_layer(self, ev: Event, layer: int, layer_obj=None) -> None:
+        rs, c = ev.req, self.cache
+        from madakv_vllm.policies import make_policy, recompress_head, window_scores
+
+        cfg = rs.cfg
+        queries = rs.queries[layer]  # [Hq, Wq, D]
+        if ev.kind == "prompt":
+            n = ev.length
+            if ev.policy_state is None:
+                policy = make_policy(cfg)
+                mods = modality_array(n, rs.mm_features).long()
+                ev.policy_state = (policy, policy.begin(num_layers=self.num_layers, num_kv_heads=self.H, seq_len=n, modality=mods, budget=rs.plan.budget), mods)
+            policy, pstate, _ = ev.policy_state
+            keys = self.read_stock(layer, ev.block_ids, n)[0]  # [H, n, D]
+            wq = min(cfg.window, n)
+            kept = policy.select_layer(pstate, layer=layer, query=queries[:, -wq:].float(), key=keys.float())
+            ev.kept.append([k.to(torch.long) for k in kept])
+        else:
+            kept = []
+            for h in range(self.H):
+                n = int(rs.lens[layer, h])
+                keys = self.read_compressed(rs, layer, h, n)[0]  # [n, D]
+                wq = min(cfg.window, n)
+                q = queries[h * self.G : (h + 1) * self.G, -wq:]
+                psi = window_scores(q.float(), keys.unsqueeze(0).float(), cfg.kernel_size, cfg.pooling)[0]
+                keep = int(rs.base_counts[layer, h])
+                kept.append(recompress_head(psi, rs.ent_mod[layer, h, :n].long(), keep, cfg.window, cfg.mpa).to(torch.long))
+            ev.kept.append(kept)
+
+    # --- compaction (after the last layer) ---------------------------------------
+
+    def compact(self, ev: Event, layer_obj=None) -> None:
+        rs, c, bs, L, H = ev.req, self.cache, self.bs, self.num_layers, self.H
+        counts = torch.tensor([[len(ev.kept[l][h]) for h in range(H)] for l in range(L)], dtype=torch.long)
+        src_slots, mods, poss = [], [], []
+        if ev.kind == "prompt":
+            all_mods = modality_array(ev.length, rs.mm_features)
+        for l in range(L):
+            for h in range(H):
+                idx = ev.kept[l][h]
+                if ev.kind == "prompt":
+                    src_slots.append(self.stock_slots(l, h, ev.block_ids, idx))
+                    mods.append(all_mods[idx])
+                    poss.append(idx)
+                else:
+                    src_slots.append(rs.sub[l, h, idx // bs] * bs + idx % bs)
+                    mods.append(rs.ent_mod[l, h, idx])
+                    poss.append(rs.ent_pos[l, h, idx].long())
+        k_all, v_all = c.read(torch.cat(src_slots))  # gather everything before any write
+
+        owned = rs.plan.owned_blocks(ev.length, len(ev.block_ids), bs)
+        pages = [ev.block_ids[j] for j in owned]
+        pool = (
+            (torch.tensor(c.layer_slot).view(1, L, 1) * c.num_blocks + torch.tensor(pages).view(-1, 1, 1)) * H
+            + torch.arange(H).view(1, 1, H)
+        ).reshape(-1)
+        nsub = (counts + bs - 1) // bs
+        total_sub = int(nsub.sum())
+        if total_sub > pool.numel():
+            raise RuntimeError(
+                f"madakv: {total_sub} sub-blocks needed but {pool.numel()} owned (request {rs.req_id}); accounting bug"
+            )
+        cap = max(int(nsub.max()) + 1, 4)
+        sub = torch.zeros(L, H, cap, dtype=torch.long)
+        starts = torch.cumsum(nsub.reshape(-1), 0) - nsub.reshape(-1)
+        dst = []
+        for i, (l, h) in enumerate((l, h) for l in range(L) for h in range(H)):
+            k = int(nsub[l, h])
+            sub[l, h, :k] = pool[int(starts[i]) : int(starts[i]) + k]
+            j = torch.arange(int(counts[l, h]))
+            dst.append(sub[l, h, j // bs] * bs + j % bs)
+        c.write(k_all, v_all, torch.cat(dst), layer_obj)
+
+        tok_cap = max(int(counts.max()) + max(rs.cfg.recompress_interval, 64), 64)
+        ent_mod = torch.zeros(L, H, tok_cap, dtype=torch.int8)
+        ent_pos = torch.zeros(L, H, tok_cap, dtype=torch.int32)
+        for i, (l, h) in enumerate((l, h) for l in range(L) for h in range(H)):
+            ent_mod[l, h, : int(counts[l, h])] = mods[i].to(torch.int8)
+            ent_pos[l, h, : int(counts[l, h])] = poss[i].to(torch.int32)
+        rs.sub, rs.nsub, rs.lens, rs.ent_mod, rs.ent_pos = sub, nsub, counts, ent_mod, ent_pos
+        rs.free = pool[total_sub:].tolist()
+        rs.known_blocks = len(ev.block_ids)
+        rs.event_len = ev.length
+        if ev.kind == "prompt":
+            rs.base_counts = counts.clone()
+            rs.compressed = True
+
+    # --- reading entries -----------------------------------------------------------
+
+    def stock_slots(self, layer: int, head: int, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+        pages = torch.tensor(block_ids, dtype=torch.long)[positions // self.bs]
+        return self.cache.subblock(layer, pages, head) * self.bs + positions % self.bs
+
+    def read_stock(self, layer: int, block_ids: list[int], n: int):
+        """K, V of positions [0, n) of every head, stock layout: [H, n, D] each."""
+        pos = torch.arange(n)
+        slots = torch.stack([self.stock_slots(layer, h, block_ids, pos) for h in range(self.H)])
+        k, v = self.cache.read(slots.reshape(-1))
+        return k.view(self.H, n, self.D), v.view(self.H, n, self.D)
+
+    def read_compressed(self, rs: RequestKV, layer: int, head: int, n: int):
+        j = torch.arange(n)
+        slots = rs.sub[layer, head, j // self.bs] * self.bs + j % self.bs
+        return self.cache.read(slots)
+
+    # --- growth ------------------------------------------------------------------
+
+    def _ensure_capacity(self, rs: RequestKV, nsub: int) -> None:
+        if nsub > rs.sub.shape[2]:
+            grow = torch.zeros(*rs.sub.shape[:2], max(nsub, 2 * rs.sub.shape[2]), dtype=torch.long)
+            grow[:, :, : rs.sub.shape[2]] = rs.sub
+            rs.sub = grow
+
+    def _ensure_tokens(self, rs: RequestKV, n: int) -> None:
+        cap = rs.ent_mod.shape[2]
+        if n > cap:
+            new_cap = max(n, 2 * cap)
+            rs.ent_mod = torch.nn.functional.pad(rs.ent_mod, (0, new_cap - cap))
+            rs.ent_pos = torch.nn.functional.pad(rs.ent_pos, (0, new_cap - cap))
+
+

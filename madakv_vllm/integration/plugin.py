@@ -1,0 +1,181 @@
+"""Plugin registration: runs in every vLLM process (API server, engine core, workers).
+
+Patches here are minimal wrappers that only change behaviour when the MADAKV
+backend is selected; without ``--attention-backend madakv`` vLLM runs as stock.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import logging
+
+from madakv_vllm.config import MadaKVConfig, config_from_vllm, request_overrides
+from madakv_vllm.integration import VLLM_MINOR
+
+logger = logging.getLogger("madakv_vllm")
+
+BACKEND_NAME = "MADAKV"
+CPU_BACKEND_PATH = "madakv_vllm.integration.cpu_backend.MadaKVCPUBackend"
+CUDA_BACKEND_PATH = "madakv_vllm.integration.cuda_backend.MadaKVCUDABackend"
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import vllm
+
+    if not vllm.__version__.startswith(VLLM_MINOR):
+        logger.warning("madakv-vllm was checked against vLLM %s.x; found %s", VLLM_MINOR, vllm.__version__)
+    _register_backend_enum()
+    _patch_platforms()
+    _patch_input_validation()
+    # Registers the KV cache spec -> manager mapping (scheduler side) at import.
+    import madakv_vllm.integration.kv_manager  # noqa: F401
+
+
+# --- the backend name ---------------------------------------------------------
+
+
+def _restore_backend_enum(name: str):
+    """Unpickling target: spawned processes unpickle the config before plugins load."""
+    register()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[name]
+
+
+def _reduce_backend_enum(member):
+    if member.name == BACKEND_NAME:
+        return _restore_backend_enum, (member.name,)
+    return type(member), (member.value,)  # Enum's own reduction for every other member
+
+
+def _register_backend_enum() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        AttentionBackendEnum.register(BACKEND_NAME, CPU_BACKEND_PATH)
+    copyreg.pickle(AttentionBackendEnum, _reduce_backend_enum)
+
+
+def is_madakv(backend) -> bool:
+    return backend is not None and getattr(backend, "name", None) == BACKEND_NAME
+
+
+def selected_in(vllm_config) -> bool:
+    attn = getattr(vllm_config, "attention_config", None)
+    return is_madakv(getattr(attn, "backend", None))
+
+
+# --- platform hooks -----------------------------------------------------------
+
+
+def _patch_platforms() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    _wrap_platform(CpuPlatform, CPU_BACKEND_PATH)
+    try:  # the CUDA platform module imports cleanly without a GPU
+        from vllm.platforms.cuda import CudaPlatformBase
+    except Exception:  # pragma: no cover - CPU-only builds may lack it
+        return
+    _wrap_platform(CudaPlatformBase, CUDA_BACKEND_PATH)
+
+
+def _wrap_platform(platform_cls, backend_path: str) -> None:
+    if getattr(platform_cls, "_madakv_patched", False):
+        return
+    orig_select = platform_cls.get_attn_backend_cls.__func__
+    orig_check = platform_cls.check_and_update_config.__func__
+
+    @functools.wraps(orig_select)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if is_madakv(selected_backend):
+            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+                raise ValueError("--attention-backend madakv supports standard (non-MLA, dense) attention only")
+            return backend_path
+        return orig_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    @functools.wraps(orig_check)
+    def check_and_update_config(cls, vllm_config) -> None:
+        orig_check(cls, vllm_config)
+        if selected_in(vllm_config):
+            configure_engine(vllm_config)
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    platform_cls._madakv_patched = True
+
+
+def configure_engine(vllm_config) -> MadaKVConfig:
+    """Startup checks when MADAKV is selected: fail early, naming the field."""
+    cfg = config_from_vllm(vllm_config.additional_config)
+    cache = vllm_config.cache_config
+    if cache.cache_dtype not in ("auto", None) and not str(cache.cache_dtype).startswith("auto"):
+        raise ValueError(f"--attention-backend madakv needs an unquantized KV cache (got kv_cache_dtype={cache.cache_dtype})")
+    if cache.enable_prefix_caching:
+        # Compacted pages hold a different token set than their hash says.
+        logger.info("madakv: prefix caching turned off (compacted KV blocks cannot be shared)")
+        cache.enable_prefix_caching = False
+    sched = vllm_config.scheduler_config
+    if getattr(sched, "async_scheduling", False):
+        # Pages freed at step t+1 must already be compacted by step t's forward.
+        logger.info("madakv: async scheduling turned off (eviction needs step-ordered frees)")
+        sched.async_scheduling = False
+    spec = vllm_config.speculative_config
+    if spec is not None:
+        raise ValueError("--attention-backend madakv does not support speculative decoding yet")
+    logger.info("madakv: %s", cfg.model_dump())
+    return cfg
+
+
+# --- request validation (frontend) -------------------------------------------
+
+
+def _patch_input_validation() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor, "_madakv_patched", False):
+        return
+    orig = InputProcessor._validate_params
+
+    @functools.wraps(orig)
+    def _validate_params(self, params, supported_tasks):
+        result = orig(self, params, supported_tasks)
+        if selected_in(self.vllm_config):
+            validate_request_args(self.vllm_config, getattr(params, "extra_args", None))
+        return result
+
+    InputProcessor._validate_params = _validate_params
+    InputProcessor._madakv_patched = True
+
+
+@functools.lru_cache(maxsize=8)
+def _server_config(additional_config_key: str) -> MadaKVConfig:
+    import json
+
+    return config_from_vllm(json.loads(additional_config_key))
+
+
+def server_config(vllm_config) -> MadaKVConfig:
+    import json
+
+    return _server_config(json.dumps(vllm_config.additional_config or {}, sort_keys=True, default=str))
+
+
+def validate_request_args(vllm_config, extra_args) -> MadaKVConfig:
+    """Per-request overrides must be valid before they reach the engine (HTTP 400)."""
+    from vllm.exceptions import VLLMValidationError
+
+    overrides = request_overrides(extra_args)
+    base = server_config(vllm_config)
+    if not overrides:
+        return base
+    try:
+        return base.with_overrides(overrides)
+    except ValueError as e:
+        raise VLLMValidationError(str(e).replace("madakv.", "madakv_"), parameter="vllm_xargs") from None

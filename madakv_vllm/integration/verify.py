@@ -1,0 +1,73 @@
+"""Self-check of the paged path (enabled by ``MADAKV_VERIFY=1``; tests only, slow).
+
+Keeps a dense shadow copy of every K/V the model produced, per request and
+layer, independent of the paged cache. After each layer's kernel call it
+recomputes, in plain fp32 torch, attention of every query over exactly the
+tokens its (layer, KV head) retains (all tokens for uncompressed requests,
+``ent_pos`` for compressed ones) and records the largest difference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENABLED = os.environ.get("MADAKV_VERIFY", "0") == "1"
+
+
+class Shadow:
+    def __init__(self):
+        self.kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_err = 0.0
+        self.checked = 0  # (query token, query head) pairs compared
+        self.compressed_checked = 0
+
+    def drop(self, req_ids) -> None:
+        for key in [k for k in self.kv if k[0] in req_ids]:
+            del self.kv[key]
+
+    def record_and_check(self, md, layer: int, query, key, value, output, scale: float) -> None:
+        st = md.state
+        qsl = md.ps_query_start_loc
+        T = md.num_actual_tokens
+        seq_lens = md.seq_lens
+        for i, rid in enumerate(md.req_ids or []):
+            start, end = int(md.query_start_loc[i]), int(md.query_start_loc[i + 1])
+            n_q = end - start
+            length = int(seq_lens[i])
+            first = length - n_q
+            k_sh, v_sh = self.kv.get((rid, layer), (None, None))
+            H, D = key.shape[1], key.shape[2]
+            if k_sh is None or k_sh.shape[1] < length:
+                cap = max(length, 2 * (0 if k_sh is None else k_sh.shape[1]))
+                nk, nv = torch.zeros(H, cap, D), torch.zeros(H, cap, D)
+                if k_sh is not None:
+                    nk[:, : k_sh.shape[1]], nv[:, : v_sh.shape[1]] = k_sh, v_sh
+                k_sh, v_sh = nk, nv
+            k_sh[:, first:length] = key[start:end].transpose(0, 1).float()
+            v_sh[:, first:length] = value[start:end].transpose(0, 1).float()
+            self.kv[(rid, layer)] = (k_sh, v_sh)
+            rs = st.requests.get(rid)
+            compressed = rs is not None and rs.compressed and n_q == 1 and rs.lens is not None
+            Hq = query.shape[1]
+            G = Hq // H
+            for h in range(H):
+                if compressed:
+                    pos = rs.ent_pos[layer, h, : int(rs.lens[layer, h])].long()
+                else:
+                    pos = torch.arange(length)
+                for j in range(n_q):
+                    p = first + j
+                    sel = pos[pos <= p]
+                    kk, vv = k_sh[h, sel], v_sh[h, sel]
+                    q = query[start + j, h * G : (h + 1) * G].float()
+                    ref = torch.softmax(q @ kk.T * scale, dim=-1) @ vv
+                    got = output[start + j, h * G : (h + 1) * G].float()
+                    self.max_err = max(self.max_err, float((ref - got).abs().max()))
+                    self.checked += G
+                    if compressed:
+                        self.compressed_checked += G
+
+
+SHADOW = Shadow()
