@@ -182,12 +182,13 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             width = max([tables[0].shape[2]] + [int(rs.nsub.max()) + 1 for _, rs, _ in compressed_rows])
             tables = [torch.nn.functional.pad(t, (0, width - t.shape[2])) for t in tables]
             for i, rs, block_ids in compressed_rows:
-                if int(qsl[i + 1] - qsl[i]) != 1:
-                    raise RuntimeError("madakv: a compressed request was scheduled more than one token")
-                slots = st.append_slots(rs, block_ids, int(seq_lens[i]) - 1)  # [L, H]
-                t = int(qsl[i])
+                # Usually one decode token; a resumed request may replay several (causal, appended in order).
+                t0, t1 = int(qsl[i]), int(qsl[i + 1])
+                for t in range(t0, t1):
+                    slots = st.append_slots(rs, block_ids, int(seq_lens[i]) - (t1 - t))  # [L, H]
+                    for l in range(L):
+                        flat_slots[l][:, t] = slots[l]
                 for l in range(L):
-                    flat_slots[l][:, t] = slots[l]
                     n = int(rs.nsub.max())
                     tables[l][:, i, :n] = rs.sub[l, :, :n]
                     lens[l][:, i] = rs.lens[l]

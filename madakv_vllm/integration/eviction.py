@@ -54,6 +54,14 @@ class RequestKV:
     free: list[int] = field(default_factory=list)
     known_blocks: int = 0
 
+    _modality: torch.Tensor | None = None
+
+    def modality(self, length: int) -> torch.Tensor:
+        """int8 [length] modality ids, built once from the placeholders and cached."""
+        if self._modality is None or self._modality.numel() < length:
+            self._modality = modality_array(max(length, self.num_prompt_tokens), self.mm_features)
+        return self._modality[:length]
+
     @property
     def tracks_queries(self) -> bool:
         return not (self.decided and self.plan is None)
@@ -123,7 +131,9 @@ class EvictionState:
                 rs.queries = [None] * self.num_layers  # never needed again
                 return None
             return Event(row, rs, length, "prompt", list(block_ids))
-        if rs.compressed and rs.plan.interval > 0 and length > rs.event_len and rs.plan.event_len(length) == length:
+        # The scheduler frees up to its event boundary; compacting at `length` >= that boundary
+        # keeps a subset of the pages it keeps (madakv_vllm/accounting.py).
+        if rs.compressed and rs.plan.event_len(length) > rs.event_len:
             return Event(row, rs, length, "recompress", list(block_ids))
         return None
 
@@ -169,7 +179,7 @@ class EvictionState:
             n = ev.length
             if ev.policy_state is None:
                 policy = make_policy(cfg)
-                mods = modality_array(n, rs.mm_features).long()
+                mods = rs.modality(n).long()
                 ev.policy_state = (policy, policy.begin(num_layers=self.num_layers, num_kv_heads=self.H, seq_len=n, modality=mods, budget=rs.plan.budget), mods)
             policy, pstate, _ = ev.policy_state
             keys = self.read_stock(layer, ev.block_ids, n)[0]  # [H, n, D]
@@ -195,7 +205,7 @@ class EvictionState:
         counts = torch.tensor([[len(ev.kept[l][h]) for h in range(H)] for l in range(L)], dtype=torch.long)
         src_slots, mods, poss = [], [], []
         if ev.kind == "prompt":
-            all_mods = modality_array(ev.length, rs.mm_features)
+            all_mods = rs.modality(ev.length)
         for l in range(L):
             for h in range(H):
                 idx = ev.kept[l][h]

@@ -1,0 +1,85 @@
+"""Fails loudly when vLLM changes under the internals madakv-vllm patches or subclasses.
+
+Each entry of VLLM_TOUCHPOINTS must still exist; the call signatures we rely on
+must still accept the arguments we pass; the KV block layout must still read back.
+"""
+
+import importlib
+import inspect
+
+import pytest
+import torch
+import vllm
+
+from madakv_vllm.integration import VLLM_MINOR, VLLM_TOUCHPOINTS
+
+
+def test_vllm_minor_version():
+    assert vllm.__version__.startswith(VLLM_MINOR), (
+        f"madakv-vllm is checked against vLLM {VLLM_MINOR}.x, found {vllm.__version__}: "
+        "re-check every entry of VLLM_TOUCHPOINTS before bumping the pin"
+    )
+
+
+@pytest.mark.parametrize("module, qualname, why", VLLM_TOUCHPOINTS, ids=[t[1] for t in VLLM_TOUCHPOINTS])
+def test_touchpoint_exists(module, qualname, why):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        assert hasattr(obj, part), f"vLLM moved {module}.{qualname} ({why})"
+        obj = getattr(obj, part)
+
+
+def _params(fn):
+    return list(inspect.signature(fn).parameters)
+
+
+def test_signatures_we_call_or_wrap():
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert _params(FullAttentionManager.remove_skipped_blocks)[:4] == [
+        "self", "request_id", "processed_computed_tokens", "num_prompt_tokens"
+    ]
+    assert _params(SingleTypeKVCacheManager._remove_blocks_in_range) == ["self", "request_id", "first_block", "last_block"]
+    assert _params(SingleTypeKVCacheManager.pop_blocks_for_free) == ["self", "request_id"]
+    assert _params(KVCacheManager.allocate_slots)[:2] == ["self", "request"]
+    assert _params(InputProcessor._validate_params) == ["self", "params", "supported_tasks"]
+    assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
+    from vllm import _custom_ops as ops
+
+    for name, needed in [
+        ("cpu_attention_with_kv_cache", ["query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens",
+                                         "scale", "causal", "block_table", "scheduler_metadata"]),
+        ("cpu_attn_reshape_and_cache", ["key", "value", "key_cache", "value_cache", "slot_mapping", "isa"]),
+        ("cpu_attn_get_scheduler_metadata", ["num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens",
+                                             "dtype", "query_start_loc", "causal", "isa"]),
+    ]:
+        assert set(needed) <= set(_params(getattr(ops, name))), name
+
+
+def test_kv_cache_allocation_is_one_layer_major_buffer():
+    """FlatKVCache relies on allocate_kv_cache placing all layers in one buffer."""
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    src = inspect.getsource(allocate_kv_cache)
+    assert "same backing allocation" in src and "torch.zeros(buf_size" in src
+
+
+def test_block_layout_reads_back_for_this_isa():
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from madakv_vllm.integration.paged import probe_key_layout
+
+    for dtype in (torch.float32, torch.bfloat16):
+        isa = _get_attn_isa(dtype, 32, 64)
+        assert probe_key_layout(isa, 32, 64, dtype) in (True, False)
+
+
+def test_cpu_platform_still_ignores_unknown_backends():
+    """Why we wrap get_attn_backend_cls: stock CPU selection maps every backend to CPU_ATTN."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    src = inspect.getsource(CpuPlatform.get_attn_backend_cls)
+    assert "CPU_ATTN" in src
