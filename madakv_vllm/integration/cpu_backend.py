@@ -34,7 +34,7 @@ from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
 from madakv_vllm.integration.paged import FlatKVCache
 from madakv_vllm.integration.plugin import server_config
 
-logger = logging.getLogger("madakv_vllm")
+logger = logging.getLogger("vllm.madakv")
 
 
 # --- worker hook: which request is in which batch row ---------------------------

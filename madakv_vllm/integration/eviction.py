@@ -28,7 +28,7 @@ from madakv_vllm.config import MadaKVConfig, request_overrides
 from madakv_vllm.integration.paged import FlatKVCache
 from madakv_vllm.modality import modality_array
 
-logger = logging.getLogger("madakv_vllm")
+logger = logging.getLogger("vllm.madakv")
 
 
 @dataclass

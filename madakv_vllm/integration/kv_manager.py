@@ -19,7 +19,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from madakv_vllm.accounting import CompressionPlan, plan_compression
 from madakv_vllm.config import MadaKVConfig, request_overrides
 
-logger = logging.getLogger("madakv_vllm")
+logger = logging.getLogger("vllm.madakv")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,7 @@ import logging
 from madakv_vllm.config import MadaKVConfig, config_from_vllm, request_overrides
 from madakv_vllm.integration import VLLM_MINOR
 
-logger = logging.getLogger("madakv_vllm")
+logger = logging.getLogger("vllm.madakv")
 
 BACKEND_NAME = "MADAKV"
 CPU_BACKEND_PATH = "madakv_vllm.integration.cpu_backend.MadaKVCPUBackend"

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny local models (built once per session) and in-process vLLM engines
+(one per configuration, shared across tests; ~4 s each to load)."""
+
+import os
+
+# Before vllm is imported anywhere: in-process engine core, small fixed KV pool.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_ENGINES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    from madakv_vllm.tiny_models import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build_model(kind, root / f"tiny-{kind}", seed=0)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir):
+    """engine(kind, madakv: dict | None, **llm_kwargs) -> LLM, cached per arguments."""
+
+    def get(kind: str, madakv: dict | None = None, **kw):
+        key = (kind, repr(sorted((madakv or {}).items())) if madakv is not None else None, repr(sorted(kw.items())))
+        if key not in _ENGINES:
+            from vllm import LLM
+
+            args = dict(
+                model=str(model_dir(kind)),
+                enforce_eager=True,
+                max_model_len=8192,
+                block_size=32,
+                dtype="float32",
+                seed=0,
+                max_num_batched_tokens=512,
+                limit_mm_per_prompt={"image": 8},
+            )
+            if kind in ("llama", "qwen2"):
+                args.pop("limit_mm_per_prompt")
+            if madakv is not None:
+                args.update(attention_backend="madakv", additional_config={"madakv": madakv})
+            args.update(kw)
+            _ENGINES[key] = LLM(**args)
+        return _ENGINES[key]
+
+    yield get
+    _ENGINES.clear()
+
+
+IMAGE_PROMPT = {"llava": "<image>\n", "qwen2vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+IMAGE_TOKEN = {"llava": "<image>", "qwen2vl": "<|image_pad|>"}
+
+
+def make_image(seed: int, size: int = 64):
+    from PIL import Image
+
+    img = Image.new("RGB", (size, size))
+    px = img.load()
+    for x in range(size):
+        for y in range(size):
+            px[x, y] = ((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, (x * y + seed) % 256)
+    return img
+
+
+def words(n: int, seed: int = 0) -> str:
+    vocab = "the cat sat on a mat while red birds sang over green hills and blue rivers ran to sea".split()
+    return " ".join(vocab[(i * 7 + seed * 3) % len(vocab)] for i in range(n))
+
+
+def mm_prompt(kind: str, parts: list) -> dict:
+    """parts: strings (text) and ints (an image with that seed), in order."""
+    text, images = "", []
+    for p in parts:
+        if isinstance(p, int):
+            text += IMAGE_PROMPT[kind]
+            images.append(make_image(p))
+        else:
+            text += p
+    if kind == "llava":
+        text = "USER: " + text + "\nASSISTANT:"
+    else:
+        text = "<|im_start|>user\n" + text + "<|im_end|>\n<|im_start|>assistant\n"
+    prompt = {"prompt": text}
+    if images:
+        prompt["multi_modal_data"] = {"image": images}
+    return prompt
