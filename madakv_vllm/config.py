@@ -40,6 +40,9 @@ class MadaKVConfig(BaseModel):
     min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
     mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
     hcc: bool = Field(True, description="MadaKV: hierarchical compression compensation on/off (ablation)")
+    hcc_max_scale: float = Field(
+        2.0, ge=1.0, description="HCC: a layer keeps at most this multiple of its fair share phi (inf: uncapped)"
+    )
     recompress_interval: int = Field(
         0, ge=0, description="re-compress every N generated tokens (0 = only once, after the prompt)"
     )

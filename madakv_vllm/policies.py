@@ -1,0 +1,630 @@
+"""KV-cache eviction policies in pure torch: MadaKV (MPA + HCC) and the baselines it is compared with.
+
+No vLLM import here. The attention backend calls, per prompt::
+
+    policy = make_policy(cfg)
+    state = policy.begin(num_layers=L, num_kv_heads=H, seq_len=N, modality=mod, budget=B)
+    for l in range(L):
+        kept = policy.select_layer(state, layer=l, query=q_window, key=k_all)  # H sorted index tensors
+
+Structure (kvpress style): a *scorer* turns (window queries, keys) into one score per (KV head, token);
+a *policy* decides how many tokens each head keeps from each token *group* (a modality, text vs visual,
+or "any"); one shared selector then keeps the best-scored tokens of each group. Window and sink tokens
+form the group ``FORCED`` that every head keeps. Equations and every reading of the paper: docs/method.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from madakv_vllm.config import NUM_MODALITIES, TEXT, MadaKVConfig
+
+FORCED = NUM_MODALITIES  # group id of window and sink tokens (always kept)
+NUM_GROUPS = NUM_MODALITIES + 1
+
+__all__ = [
+    "FORCED",
+    "AdaKVPolicy",
+    "CompressionState",
+    "FullPolicy",
+    "H2OPolicy",
+    "LookMPolicy",
+    "MadaKVPolicy",
+    "Policy",
+    "PyramidKVPolicy",
+    "Ranking",
+    "Recency",
+    "Scorer",
+    "TopKPolicy",
+    "WindowAttention",
+    "apportion",
+    "make_policy",
+    "pool_scores",
+    "recompress_head",
+    "select_by_quota",
+    "window_scores",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer arithmetic: exact splits
+# ----------------------------------------------------------------------------------------------
+
+
+def apportion(total, weight: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """Split ``total`` into integers in ``[0, cap]`` proportional to ``weight``, summing exactly.
+
+    Rows are independent (``weight``/``cap`` are ``[K]`` or ``[R, K]``, ``total`` a scalar or ``[R]``).
+    Water-filling: a share above its cap is cut to the cap and the excess re-split over the rest;
+    if the uncapped entries all weigh 0 they split evenly. Integers by largest remainder, ties to the
+    lower index. Requires ``0 <= total <= cap.sum()``. Runs on CPU (the vectors are tiny).
+    """
+    weight = weight.detach().to("cpu", torch.float64).clamp_min(0.0)
+    cap = cap.detach().to("cpu", torch.int64).clamp_min(0)
+    single = weight.dim() == 1
+    if single:
+        weight, cap = weight[None], cap[None]
+    cap = cap.expand_as(weight)
+    total = torch.as_tensor(total, dtype=torch.int64).cpu().reshape(-1).expand(weight.shape[0])
+    if (total < 0).any() or (total > cap.sum(1)).any():
+        raise ValueError(f"apportion: total {total.tolist()} outside [0, {cap.sum(1).tolist()}]")
+    capf = cap.double()
+    fixed = cap == 0
+    share = torch.zeros_like(weight)
+    for _ in range(weight.shape[1] + 1):
+        free = ~fixed
+        left = total.double()[:, None] - torch.where(fixed, capf, 0.0).sum(1, keepdim=True)
+        w = torch.where(free, weight, 0.0)
+        ws = w.sum(1, keepdim=True)
+        w = torch.where(ws > 0, w, free.double())  # all free weights zero -> even split
+        ws = w.sum(1, keepdim=True)
+        share = torch.where(fixed, capf, left.clamp_min(0) * w / torch.where(ws > 0, ws, 1.0))
+        over = free & (share > capf)
+        if not over.any():
+            break
+        fixed |= over
+    # +1e-9: a share computed as 2.9999999999 is 3 (sum of floors still <= total, see docs)
+    x = torch.minimum((share + 1e-9).floor().long(), cap)
+    deficit = total - x.sum(1)
+    cols = torch.arange(x.shape[1]).expand_as(x)
+    while (deficit > 0).any():
+        room = x < cap
+        rem = torch.where(room, share - x, -math.inf)
+        order = torch.sort(rem, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, cols)
+        add = room & (rank < deficit[:, None])
+        x += add.long()
+        deficit -= add.sum(1)
+    return x[0] if single else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Scorers
+# ----------------------------------------------------------------------------------------------
+
+
+def window_scores(
+    q: torch.Tensor, k: torch.Tensor, kernel_size: int = 1, pooling: str = "avg"
+) -> torch.Tensor:
+    """psi[h, i] = sum over window queries j of attention(j -> i), averaged over the GQA group.
+
+    ``q``: [Hq, Wq, D] post-RoPE queries of the last Wq prompt tokens (query head ``h*g + i`` belongs
+    to KV head ``h``, as in vLLM/HF); ``k``: [H, N, D]. Causal: window query j sits at position
+    N - Wq + j. Softmax in fp32 with scale 1/sqrt(D). Then optional 1-D pooling over tokens with
+    'same' zero padding (left (k-1)//2, right k//2). Returns float32 [H, N].
+    """
+    hq, wq, d = q.shape
+    h, n, _ = k.shape
+    if hq % h or not 1 <= wq <= n:
+        raise ValueError(f"window_scores: q {tuple(q.shape)} incompatible with k {tuple(k.shape)}")
+    g = hq // h
+    logits = torch.matmul(q.float().reshape(h, g * wq, d) * d**-0.5, k.float().transpose(1, 2))
+    # Only the last Wq keys can lie in a window query's future.
+    future = torch.ones(wq, wq, dtype=torch.bool, device=k.device).triu_(1).repeat(g, 1)
+    logits[:, :, n - wq :].masked_fill_(future, -math.inf)
+    # softmax in place, then sum over rows as one mat-vec with 1/(Z*g): fewer passes over [H, g*Wq, N]
+    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    inv_z = logits.sum(-1).mul_(g).reciprocal_()
+    psi = torch.bmm(inv_z[:, None, :], logits)[:, 0]
+    return pool_scores(psi, kernel_size, pooling)
+
+
+def pool_scores(psi: torch.Tensor, kernel_size: int, pooling: str = "avg") -> torch.Tensor:
+    """1-D pooling over the token axis of [H, N] scores, output length N (SnapKV's smoothing)."""
+    if kernel_size <= 1:
+        return psi
+    x = F.pad(psi[:, None], ((kernel_size - 1) // 2, kernel_size // 2))  # scores >= 0: zero pad is safe
+    if pooling == "avg":
+        x = F.avg_pool1d(x, kernel_size, stride=1)
+    elif pooling == "max":
+        x = F.max_pool1d(x, kernel_size, stride=1)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    return x[:, 0]
+
+
+class Scorer(Protocol):
+    def score(self, query: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class WindowAttention:
+    """Observation-window attention (SnapKV, MadaKV's psi; kernel_size=1 for H2O/LOOK-M)."""
+
+    kernel_size: int = 5
+    pooling: str = "avg"
+
+    def score(self, query, key):
+        return window_scores(query, key, self.kernel_size, self.pooling)
+
+
+@dataclass
+class Recency:
+    """Later tokens first (StreamingLLM)."""
+
+    def score(self, query, key):
+        h, n, _ = key.shape
+        return torch.arange(n, device=key.device, dtype=torch.float64).expand(h, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# State and selection
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompressionState:
+    """One prompt's compression, filled in layer by layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    seq_len: int
+    budget: int  # B actually used: the given budget clamped to [forced tokens, N]
+    modality: torch.Tensor  # [N] int64
+    group: torch.Tensor  # [N] int64: the policy's content group of each token, FORCED for window/sinks
+    group_sizes: torch.Tensor  # [NUM_GROUPS] int64 (CPU)
+    num_forced: int
+    floor: int  # fewest tokens any head keeps
+    kept_counts: torch.Tensor  # [L, H] int64, filled as layers are selected
+    phi: torch.Tensor  # [L] float64: per-head allocation of each layer (HCC's phi; B or fixed budget else)
+    layer_budget: torch.Tensor | None = None  # [L] per-head budget fixed in advance (pyramidkv)
+    remaining: int = 0  # tokens still to keep over the layers not selected yet
+    next_layer: int = 0
+    _group_on: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def total_budget(self) -> int:
+        return self.num_layers * self.num_kv_heads * self.budget
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.budget >= self.seq_len
+
+    def group_on(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._group_on:
+            self._group_on[device] = self.group.to(device)
+        return self._group_on[device]
+
+
+@dataclass
+class Ranking:
+    """Tokens of each head ordered by descending score; ties to the lower index (stable sort)."""
+
+    scores: torch.Tensor  # [H, N] in token order
+    order: torch.Tensor  # [H, N] token indices, best first
+    group: torch.Tensor  # [H, N] group of the token at each rank
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, group: torch.Tensor) -> "Ranking":
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        return cls(scores, order, group[order])
+
+    def sorted_scores(self) -> torch.Tensor:
+        return self.scores.gather(1, self.order)
+
+    def mass_and_demand(self, num_groups: int, theta: float | None = None):
+        """Per head and content group: w = summed score, and (if theta) the demand k = fewest
+        best-scored tokens of the group whose scores sum to >= theta * w. CPU tensors [H, G]."""
+        s = self.sorted_scores().double()
+        h = s.shape[0]
+        mass = torch.zeros(h, num_groups, dtype=torch.float64)
+        demand = torch.zeros(h, num_groups, dtype=torch.int64)
+        for m in range(num_groups):
+            in_m = self.group == m
+            vals = torch.where(in_m, s, 0.0)
+            cum = vals.cumsum(1)
+            w = cum[:, -1:]
+            mass[:, m] = w[:, 0].cpu()
+            if theta is not None:
+                before = F.pad(cum[:, :-1], (1, 0))  # mass of the better tokens of this group
+                demand[:, m] = (in_m & (before < theta * w)).sum(1).cpu()
+        return mass, demand
+
+
+def select_by_quota(ranking: Ranking, quota: torch.Tensor) -> list[torch.Tensor]:
+    """Keep, per head h and group g, the quota[h, g] best-ranked tokens of g. Sorted indices per head."""
+    quota = quota.to(ranking.order.device)
+    take = torch.zeros_like(ranking.order, dtype=torch.bool)
+    for g in range(quota.shape[1]):
+        if not bool((quota[:, g] > 0).any()):
+            continue
+        in_g = ranking.group == g
+        take |= in_g & (in_g.cumsum(1) <= quota[:, g : g + 1])
+    keep = torch.zeros_like(take).scatter_(1, ranking.order, take)
+    return [row.nonzero(as_tuple=True)[0] for row in keep]
+
+
+def _all_tokens(h: int, n: int, device) -> list[torch.Tensor]:
+    ar = torch.arange(n, device=device)
+    return [ar.clone() for _ in range(h)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Policy:
+    """Base: every head keeps B tokens, the forced ones plus the best-scored others (SnapKV)."""
+
+    window: int = 32
+    sink_tokens: int = 0
+    scorer: Scorer = field(default_factory=WindowAttention)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def forced_mask(self, n: int, budget: int) -> torch.Tensor:
+        """Tokens every head keeps: the observation window and the sinks."""
+        forced = torch.zeros(n, dtype=torch.bool)
+        forced[: min(self.sink_tokens, n)] = True
+        forced[n - min(self.window, n) :] = True
+        return forced
+
+    def content_group(self, modality: torch.Tensor) -> torch.Tensor:
+        """Group of each non-forced token; one group ("any") unless the policy splits by modality."""
+        return torch.zeros_like(modality)
+
+    def effective_budget(self, budget: int, n: int, num_forced: int) -> int:
+        return int(min(max(int(budget), num_forced), n))
+
+    def init_state(self, state: CompressionState) -> None:
+        pass
+
+    def quotas(self, state: CompressionState, layer: int, ranking: Ranking) -> torch.Tensor:
+        """[H, NUM_GROUPS] tokens each head keeps from each group (FORCED column = all forced)."""
+        quota = self._empty_quota(state)
+        quota[:, 0] = state.budget - state.num_forced
+        return quota
+
+    # -- API ---------------------------------------------------------------------------------
+    def begin(
+        self, *, num_layers: int, num_kv_heads: int, seq_len: int, modality: torch.Tensor, budget: int
+    ) -> CompressionState:
+        n = int(seq_len)
+        if n < 1 or num_layers < 1 or num_kv_heads < 1:
+            raise ValueError("begin: need seq_len, num_layers, num_kv_heads >= 1")
+        mod = torch.as_tensor(modality).to("cpu", torch.int64).reshape(-1)
+        if mod.numel() != n:
+            raise ValueError(f"begin: modality has {mod.numel()} entries, seq_len is {n}")
+        if mod.min() < 0 or mod.max() >= NUM_MODALITIES:
+            raise ValueError(f"begin: modality ids must be in [0, {NUM_MODALITIES})")
+        b = self.effective_budget(budget, n, int(Policy.forced_mask(self, n, n).sum()))
+        forced = self.forced_mask(n, b)
+        group = torch.where(forced, FORCED, self.content_group(mod))
+        state = CompressionState(
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            seq_len=n,
+            budget=b,
+            modality=mod,
+            group=group,
+            group_sizes=torch.bincount(group, minlength=NUM_GROUPS),
+            num_forced=int(forced.sum()),
+            floor=int(forced.sum()),
+            kept_counts=torch.zeros(num_layers, num_kv_heads, dtype=torch.int64),
+            phi=torch.full((num_layers,), float(b), dtype=torch.float64),
+            remaining=num_layers * num_kv_heads * b,
+        )
+        self.init_state(state)
+        return state
+
+    def select_layer(
+        self, state: CompressionState, layer: int, query: torch.Tensor | None, key: torch.Tensor
+    ) -> list[torch.Tensor]:
+        h, n = state.num_kv_heads, state.seq_len
+        if key.dim() != 3 or key.shape[0] != h or key.shape[1] != n:
+            raise ValueError(f"select_layer: key {tuple(key.shape)}, expected [{h}, {n}, D]")
+        if state.keeps_all:
+            self._check_layer(state, layer)
+            return self._record(state, layer, torch.full((h,), n), _all_tokens(h, n, key.device))
+        return self.select_layer_scores(state, layer, self.scorer.score(query, key))
+
+    def select_layer_scores(
+        self, state: CompressionState, layer: int, scores: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """select_layer from precomputed scores [H, N] (the scorer's output)."""
+        self._check_layer(state, layer)
+        h, n = state.num_kv_heads, state.seq_len
+        if tuple(scores.shape) != (h, n):
+            raise ValueError(f"scores {tuple(scores.shape)}, expected ({h}, {n})")
+        if state.keeps_all:
+            return self._record(state, layer, torch.full((h,), n), _all_tokens(h, n, scores.device))
+        ranking = Ranking.of(scores, state.group_on(scores.device))
+        quota = self.quotas(state, layer, ranking)
+        return self._record(state, layer, quota.sum(1), select_by_quota(ranking, quota))
+
+    def select_all(
+        self,
+        query_per_layer: Sequence[torch.Tensor | None],
+        key_per_layer: Sequence[torch.Tensor],
+        modality: torch.Tensor,
+        budget: int,
+    ) -> list[list[torch.Tensor]]:
+        h, n, _ = key_per_layer[0].shape
+        state = self.begin(
+            num_layers=len(key_per_layer), num_kv_heads=h, seq_len=n, modality=modality, budget=budget
+        )
+        self.last_state = state  # for tests and benchmarks
+        return [
+            self.select_layer(state, layer=l, query=q, key=k)
+            for l, (q, k) in enumerate(zip(query_per_layer, key_per_layer))
+        ]
+
+    # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def _check_layer(state: CompressionState, layer: int) -> None:
+        if layer != state.next_layer:
+            raise ValueError(f"select_layer: expected layer {state.next_layer}, got {layer} (layers go in order)")
+
+    @staticmethod
+    def _record(state, layer, counts, kept):
+        state.kept_counts[layer] = counts.cpu()
+        state.remaining -= int(counts.sum())
+        state.next_layer = layer + 1
+        return kept
+
+    @staticmethod
+    def _empty_quota(state: CompressionState) -> torch.Tensor:
+        quota = torch.zeros(state.num_kv_heads, NUM_GROUPS, dtype=torch.int64)
+        quota[:, FORCED] = state.num_forced
+        return quota
+
+    def _split(self, state, total: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """Per head: ``total[h]`` non-forced slots split over content groups by mass (MPA),
+        capped by each group's token count. [H, G]."""
+        g = mass.shape[1]
+        return apportion(total, mass, state.group_sizes[:g].expand(mass.shape[0], g))
+
+
+@dataclass
+class TopKPolicy(Policy):
+    """Uniform B per head, best-scored tokens: SnapKV (pooled window attention) or StreamingLLM (Recency)."""
+
+
+@dataclass
+class FullPolicy(Policy):
+    """No eviction: B = N whatever budget is passed."""
+
+    def effective_budget(self, budget, n, num_forced):
+        return n
+
+
+@dataclass
+class H2OPolicy(Policy):
+    """Heavy hitters + recent tokens. The recent share round(recent_ratio * B) joins the forced set
+    (it contains the window); the rest of B goes to the highest accumulated attention. Accumulated
+    over the observation window only: see docs/method.md."""
+
+    recent_ratio: float = 0.5
+    scorer: Scorer = field(default_factory=lambda: WindowAttention(kernel_size=1))
+
+    def forced_mask(self, n, budget):
+        forced = super().forced_mask(n, budget)
+        sinks = min(self.sink_tokens, n)
+        recent = max(min(self.window, n), min(int(round(self.recent_ratio * budget)), budget - sinks))
+        forced[n - recent :] = True
+        return forced
+
+
+@dataclass
+class PyramidKVPolicy(Policy):
+    """SnapKV selection with per-layer budgets falling linearly with depth (PyramidKV): the non-forced
+    part E = B - F runs from 2E - E/beta (layer 0) to E/beta (last layer); integer, capped at N - F,
+    summing to L*E exactly."""
+
+    beta: float = 20.0
+
+    def init_state(self, state):
+        big_l, f = state.num_layers, state.num_forced
+        extra = state.budget - f
+        if big_l == 1:
+            sched = torch.tensor([float(extra)], dtype=torch.float64)
+        else:
+            lo = extra / self.beta
+            hi = 2 * extra - lo
+            sched = hi - (hi - lo) * torch.arange(big_l, dtype=torch.float64) / (big_l - 1)
+        alloc = apportion(big_l * extra, sched, torch.full((big_l,), state.seq_len - f))
+        state.layer_budget = alloc + f
+        state.phi = state.layer_budget.double()
+
+    def quotas(self, state, layer, ranking):
+        quota = self._empty_quota(state)
+        quota[:, 0] = int(state.layer_budget[layer]) - state.num_forced
+        return quota
+
+
+@dataclass
+class AdaKVPolicy(Policy):
+    """SnapKV scores; each head first keeps floor(alpha * B) (at least the forced tokens), then the
+    layer's other H*B - H*floor slots go to the best scores over all heads jointly (AdaKV)."""
+
+    alpha: float = 0.2
+
+    def quotas(self, state, layer, ranking):
+        h, n, f, b = state.num_kv_heads, state.seq_len, state.num_forced, state.budget
+        head_min = min(max(int(self.alpha * b), f), b)
+        extra = torch.zeros(h, dtype=torch.int64)
+        joint = h * (b - head_min)
+        if joint > 0:
+            in_any = ranking.group == 0
+            pool = in_any & (in_any.cumsum(1) > head_min - f)  # not taken by the per-head floor
+            vals = torch.where(pool, ranking.sorted_scores().float(), -math.inf).flatten()
+            # stable: equal scores go to the lower head, then the better in-head rank
+            best = torch.sort(vals, descending=True, stable=True).indices[:joint]
+            extra = torch.bincount(best // n, minlength=h).cpu()
+        quota = self._empty_quota(state)
+        quota[:, 0] = head_min - f + extra
+        return quota
+
+
+@dataclass
+class LookMPolicy(Policy):
+    """LOOK-M text-prior eviction: text tokens first (best-scored if they exceed the budget), then
+    visual tokens by score. No KV merging. Scores: unpooled window attention."""
+
+    scorer: Scorer = field(default_factory=lambda: WindowAttention(kernel_size=1))
+
+    def content_group(self, modality):
+        return (modality != TEXT).long()  # 0 text, 1 any visual/audio
+
+    def quotas(self, state, layer, ranking):
+        slots = state.budget - state.num_forced
+        text = min(int(state.group_sizes[0]), slots)
+        quota = self._empty_quota(state)
+        quota[:, 0], quota[:, 1] = text, slots - text
+        return quota
+
+
+@dataclass
+class MadaKVPolicy(Policy):
+    """MadaKV. MPA: per head, the non-forced slots are split over modalities by the head's attention
+    mass on each, then top scores within each modality. HCC: each head keeps its demand (fewest tokens
+    covering theta of each modality's mass, plus forced), clipped to [floor, N]; the layer total is
+    clamped so the remaining layers stay feasible; later layers share what is left (phi); the last
+    layer takes the rest exactly. With mpa off everything is one group; with both off this is SnapKV."""
+
+    mpa: bool = True
+    hcc: bool = True
+    theta: float = 0.9
+    min_per_head: int | None = None  # None -> window
+    max_scale: float = float("inf")  # cap on a layer's total, in multiples of H * phi[l]
+
+    def content_group(self, modality):
+        return modality.clone() if self.mpa else torch.zeros_like(modality)
+
+    def init_state(self, state):
+        want = self.window if self.min_per_head is None else self.min_per_head
+        # Never below the forced tokens; never above B, or L*H*B could not be met.
+        state.floor = max(state.num_forced, min(want, state.budget))
+
+    def quotas(self, state, layer, ranking):
+        h, n, f = state.num_kv_heads, state.seq_len, state.num_forced
+        groups = NUM_MODALITIES if self.mpa else 1
+        quota = self._empty_quota(state)
+        if not self.hcc:
+            mass, _ = ranking.mass_and_demand(groups)
+            total = torch.full((h,), state.budget - f)
+            quota[:, :groups] = self._split(state, total, mass) if self.mpa else total[:, None]
+            return quota
+        mass, demand = ranking.mass_and_demand(groups, self.theta)
+        raw = f + demand.sum(1)
+        counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale)
+        quota[:, :groups] = torch.where(
+            (counts == raw)[:, None], demand, self._split(state, counts - f, mass)
+        )
+        return quota
+
+    @staticmethod
+    def _layer_counts(state: CompressionState, layer: int, want: torch.Tensor, max_scale: float = float("inf")) -> torch.Tensor:
+        """Per-head counts of this layer: ``want`` unless the layer total must move to keep the
+        remaining budget feasible (each later layer in [H*floor, H*N]) or exceeds ``max_scale`` times
+        the layer's fair share H*phi[l] (greedy early layers would starve the later ones); then
+        scaled by largest remainder."""
+        h, n, fl, big_l = state.num_kv_heads, state.seq_len, state.floor, state.num_layers
+        left = state.num_layers - layer - 1
+        rem = state.remaining
+        state.phi[layer] = rem / (h * (big_l - layer))
+        lo = max(h * fl, rem - left * h * n)
+        hi = min(h * n, rem - left * h * fl)
+        if max_scale != float("inf"):
+            hi = max(lo, min(hi, int(max_scale * h * float(state.phi[layer]))))
+        asked = int(want.sum())
+        total = min(max(asked, lo), hi)
+        if total < asked:  # shrink each head's demand above the floor proportionally
+            return fl + apportion(total - h * fl, (want - fl).double(), want - fl)
+        if total > asked:  # grow in proportion to demand, up to N
+            return want + apportion(total - asked, want.double(), n - want)
+        return want
+
+
+def make_policy(cfg: MadaKVConfig) -> Policy:
+    """The policy named by ``cfg.policy``, with cfg's knobs."""
+    common = dict(window=cfg.window, sink_tokens=cfg.sink_tokens)
+    pooled = WindowAttention(cfg.kernel_size, cfg.pooling)
+    name = cfg.policy
+    if name == "full":
+        return FullPolicy(**common)
+    if name == "streamingllm":
+        return TopKPolicy(**common, scorer=Recency())
+    if name == "snapkv":
+        return TopKPolicy(**common, scorer=pooled)
+    if name == "h2o":
+        return H2OPolicy(**common, recent_ratio=cfg.h2o_recent_ratio)
+    if name == "pyramidkv":
+        return PyramidKVPolicy(**common, scorer=pooled, beta=cfg.pyramid_beta)
+    if name == "adakv":
+        return AdaKVPolicy(**common, scorer=pooled, alpha=cfg.adakv_alpha)
+    if name == "lookm":
+        return LookMPolicy(**common)
+    if name == "madakv":
+        return MadaKVPolicy(
+            **common, scorer=pooled, mpa=cfg.mpa, hcc=cfg.hcc, theta=cfg.theta, min_per_head=cfg.head_floor,
+            max_scale=cfg.hcc_max_scale,
+        )
+    raise ValueError(f"unknown policy {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode-time re-compression of one head
+# ----------------------------------------------------------------------------------------------
+
+
+def recompress_head(
+    psi: torch.Tensor, modality: torch.Tensor, keep: int, window: int, mpa: bool, sinks: int = 0
+) -> torch.Tensor:
+    """Re-compress one head's n retained tokens to ``keep``; returns min(keep, n) sorted indices.
+
+    The last ``window`` tokens are always kept (if keep < window, only the most recent ``keep``),
+    then the first ``sinks`` as far as they fit; the rest of ``keep`` is split over modalities by
+    psi mass (MPA, largest remainder, capped by availability) when ``mpa``, else plain top-k by psi.
+    """
+    n = psi.numel()
+    device = psi.device
+    keep = max(0, min(int(keep), n))
+    if keep == n:
+        return torch.arange(n, device=device)
+    w = min(window, n)
+    if keep <= w:
+        return torch.arange(n - keep, n, device=device)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[n - w :] = True
+    forced[: max(0, min(sinks, keep - w, n - w))] = True
+    mod = torch.as_tensor(modality).to("cpu", torch.int64).reshape(-1)
+    group = torch.where(forced, FORCED, mod if mpa else torch.zeros_like(mod))
+    ranking = Ranking.of(psi.reshape(1, n), group.to(device))
+    quota = torch.zeros(1, NUM_GROUPS, dtype=torch.int64)
+    nf = int(forced.sum())
+    quota[0, FORCED] = nf
+    if mpa:
+        mass, _ = ranking.mass_and_demand(NUM_MODALITIES)
+        sizes = torch.bincount(group, minlength=NUM_GROUPS)[:NUM_MODALITIES]
+        quota[0, :NUM_MODALITIES] = apportion(keep - nf, mass[0], sizes)
+    else:
+        quota[0, 0] = keep - nf
+    return select_by_quota(ranking, quota)[0]

@@ -1,0 +1,661 @@
+"""Policy library: hand-computed cases per policy, properties (budget exactness, window kept, quotas,
+HCC feasibility), edge cases. Pure torch; no vLLM."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from madakv_vllm.config import AUDIO, IMAGE, POLICIES, TEXT, VIDEO, MadaKVConfig
+from madakv_vllm.policies import (
+    CompressionState,
+    Policy,
+    apportion,
+    make_policy,
+    pool_scores,
+    recompress_head,
+    window_scores,
+)
+
+PROPS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def qk_from_strengths(strengths, window, num_q_heads=1, d=4):
+    """q/k for one KV head whose window attention on token i grows with strengths[i] (monotone:
+    every window query has the same logit s_i on key i, so psi_i = exp(s_i) * const before the
+    window). Strengths of window tokens are irrelevant (window is always kept)."""
+    n = len(strengths)
+    wq = min(window, n)
+    k = torch.zeros(1, n, d)
+    k[0, :, 0] = torch.tensor(strengths, dtype=torch.float32)
+    q = torch.zeros(num_q_heads, wq, d)
+    q[:, :, 0] = 2.0
+    return q, k
+
+
+def stack_heads(pairs):
+    qs, ks = zip(*pairs)
+    return torch.cat(qs, 0), torch.cat(ks, 0)
+
+
+def random_layers(num_layers, num_kv_heads, group, n, window, d=4, seed=0, sharp=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    wq = min(window, n)
+    qs = [torch.randn(num_kv_heads * group, wq, d, generator=gen) * sharp for _ in range(num_layers)]
+    ks = [torch.randn(num_kv_heads, n, d, generator=gen) * sharp for _ in range(num_layers)]
+    return qs, ks
+
+
+def run(cfg, qs, ks, modality, budget=None):
+    pol = make_policy(cfg)
+    n = ks[0].shape[1]
+    b = cfg.budget_tokens(n) if budget is None else budget
+    state = pol.begin(num_layers=len(ks), num_kv_heads=ks[0].shape[0], seq_len=n, modality=modality, budget=b)
+    kept = [pol.select_layer(state, layer=l, query=q, key=k) for l, (q, k) in enumerate(zip(qs, ks))]
+    return kept, state
+
+
+def select_from_scores(cfg, psi, modality, budget, num_layers=1):
+    """Drive the allocator from given scores [H, N] (the same for every layer; bypasses the scorer)."""
+    pol = make_policy(cfg)
+    h, n = psi.shape
+    state = pol.begin(num_layers=num_layers, num_kv_heads=h, seq_len=n, modality=modality, budget=budget)
+    kept = [pol.select_layer_scores(state, l, psi) for l in range(num_layers)]
+    return kept, state
+
+
+def as_lists(kept_layer):
+    return [t.tolist() for t in kept_layer]
+
+
+def reference_window_scores(q, k):
+    """Loop reference for window_scores (no pooling)."""
+    hq, wq, d = q.shape
+    h, n, _ = k.shape
+    g = hq // h
+    psi = torch.zeros(h, n, dtype=torch.float64)
+    for qh in range(hq):
+        kh = qh // g
+        for j in range(wq):
+            pos = n - wq + j
+            logits = (k[kh, : pos + 1].double() @ q[qh, j].double()) / math.sqrt(d)
+            psi[kh, : pos + 1] += torch.softmax(logits, 0) / g
+    return psi
+
+
+def reference_demand(psi_row, groups, num_groups, theta):
+    """Fewest best tokens of each group whose psi covers theta of the group's mass (python floats)."""
+    out = []
+    for m in range(num_groups):
+        vals = sorted(((-float(psi_row[i]), i) for i in range(len(groups)) if groups[i] == m))
+        vals = [-v for v, _ in vals]
+        total = 0.0
+        for v in vals:
+            total += v
+        target, acc, need = theta * total, 0.0, 0
+        for v in vals:
+            if acc < target:
+                need += 1
+            acc += v
+        out.append(need)
+    return out
+
+
+def forced_set(n, window, sinks):
+    return set(range(min(sinks, n))) | set(range(n - min(window, n), n))
+
+
+# ---------------------------------------------------------------------------------------------
+# apportion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_apportion_hand_cases():
+    big = torch.tensor([100, 100, 100])
+    assert apportion(10, torch.tensor([1.0, 1, 1]), big).tolist() == [4, 3, 3]  # tie -> lower index
+    assert apportion(10, torch.tensor([8.0, 1, 1]), torch.tensor([3, 10, 10])).tolist() == [3, 4, 3]
+    assert apportion(5, torch.tensor([0.0, 0, 0]), big).tolist() == [2, 2, 1]  # no weight: even
+    assert apportion(4, torch.tensor([1.0, 0, 0]), torch.tensor([1, 2, 5])).tolist() == [1, 2, 1]
+    assert apportion(7, torch.tensor([3.0, 1]), torch.tensor([2, 9])).tolist() == [2, 5]
+    rows = apportion(torch.tensor([6, 1]), torch.tensor([[1.0, 2.0], [1.0, 1.0]]), torch.tensor([[9, 9], [9, 9]]))
+    assert rows.tolist() == [[2, 4], [1, 0]]
+    with pytest.raises(ValueError):
+        apportion(11, torch.tensor([1.0, 1.0]), torch.tensor([5, 5]))
+
+
+@PROPS
+@given(
+    st.lists(st.tuples(st.floats(0, 100), st.integers(0, 20)), min_size=1, max_size=6),
+    st.integers(0, 10**6),
+)
+def test_apportion_properties(items, seed):
+    w = torch.tensor([a for a, _ in items], dtype=torch.float64)
+    cap = torch.tensor([c for _, c in items])
+    total = seed % (int(cap.sum()) + 1)
+    x = apportion(total, w, cap)
+    assert int(x.sum()) == total
+    assert (x >= 0).all() and (x <= cap).all()
+    assert torch.equal(x, apportion(total, w, cap))
+    if w.sum() > 0 and (cap >= total).all():  # no cap can bind: within 1 of the exact share
+        share = total * w / w.sum()
+        assert ((x.double() - share).abs() < 1 + 1e-9).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group,n,wq", [(1, 7, 3), (3, 5, 5), (2, 9, 1), (4, 6, 4)])
+def test_window_scores_matches_loop_reference(group, n, wq):
+    gen = torch.Generator().manual_seed(group * 100 + n)
+    h, d = 2, 8
+    q = torch.randn(h * group, wq, d, generator=gen)
+    k = torch.randn(h, n, d, generator=gen)
+    q0, k0 = q.clone(), k.clone()
+    psi = window_scores(q, k, kernel_size=1)
+    assert torch.equal(q, q0) and torch.equal(k, k0)  # inputs untouched
+    assert psi.dtype == torch.float32 and psi.shape == (h, n)
+    torch.testing.assert_close(psi.double(), reference_window_scores(q, k), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(psi.sum(1), torch.full((h,), float(wq)))  # each query's row sums to 1
+
+
+def test_window_scores_uniform_causal():
+    # q = 0: query at position p attends uniformly to p+1 keys.
+    n, wq = 6, 3
+    psi = window_scores(torch.zeros(2, wq, 4), torch.randn(1, n, 4), kernel_size=1)[0]
+    expected = [sum(1 / (p + 1) for p in range(n - wq, n) if p >= i) for i in range(n)]
+    torch.testing.assert_close(psi.double(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_pooling_same_padding():
+    x = torch.tensor([[0.0, 0, 5, 0, 0]])
+    torch.testing.assert_close(pool_scores(x, 3, "avg"), torch.tensor([[0, 5 / 3, 5 / 3, 5 / 3, 0]]))
+    torch.testing.assert_close(pool_scores(x, 3, "max"), torch.tensor([[0.0, 5, 5, 5, 0]]))
+    # even kernel: (k-1)//2 = 1 left, k//2 = 2 right
+    torch.testing.assert_close(pool_scores(x, 4, "avg"), torch.tensor([[1.25, 1.25, 1.25, 1.25, 0]]))
+    assert pool_scores(x, 1) is x
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-computed cases, one or more per policy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_keeps_everything_whatever_the_budget():
+    qs, ks = random_layers(2, 2, 2, 10, 4)
+    kept, state = run(MadaKVConfig(policy="full", window=4), qs, ks, torch.zeros(10, dtype=torch.long), budget=3)
+    assert state.budget == 10
+    assert all(t.tolist() == list(range(10)) for layer in kept for t in layer)
+    assert int(state.kept_counts.sum()) == 2 * 2 * 10
+
+
+def test_snapkv_keeps_window_and_top_scores_per_head():
+    s0 = [0, 5, 1, 4, 1, 3, 0, 2, 0, 0]
+    s1 = [3, 0, 0, 0, 0, 0, 1, 2, 0, 0]
+    q, k = stack_heads([qk_from_strengths(s0, 2), qk_from_strengths(s1, 2)])
+    cfg = MadaKVConfig(policy="snapkv", window=2, kernel_size=1, budget=5)
+    kept, state = run(cfg, [q], [k], torch.zeros(10, dtype=torch.long))
+    assert as_lists(kept[0]) == [[1, 3, 5, 8, 9], [0, 6, 7, 8, 9]]
+    assert state.kept_counts.tolist() == [[5, 5]]
+
+
+def test_snapkv_ties_go_to_the_lower_index():
+    psi = torch.tensor([[1.0, 2, 2, 2, 1, 0, 0]])
+    kept, _ = select_from_scores(MadaKVConfig(policy="snapkv", window=2), psi, torch.zeros(7, dtype=torch.long), 4)
+    assert kept[0][0].tolist() == [1, 2, 5, 6]
+
+
+def test_streamingllm_sinks_and_recent():
+    qs, ks = random_layers(1, 1, 1, 10, 2)
+    mod = torch.zeros(10, dtype=torch.long)
+    kept, _ = run(MadaKVConfig(policy="streamingllm", window=2, sink_tokens=2, budget=6), qs, ks, mod)
+    assert kept[0][0].tolist() == [0, 1, 6, 7, 8, 9]
+    kept, _ = run(MadaKVConfig(policy="streamingllm", window=2, budget=4), qs, ks, mod)
+    assert kept[0][0].tolist() == [6, 7, 8, 9]
+
+
+def test_h2o_heavy_hitters_plus_recent_share():
+    # B = 6, recent share round(0.5 * 6) = 3 -> {9, 10, 11}; heavy 3 by unpooled attention.
+    s = [5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 9, 9]
+    q, k = qk_from_strengths(s, 2, num_q_heads=2)
+    cfg = MadaKVConfig(policy="h2o", window=2, budget=6, kernel_size=7)  # kernel ignored by h2o
+    kept, _ = run(cfg, [q], [k], torch.zeros(12, dtype=torch.long))
+    assert kept[0][0].tolist() == [0, 2, 4, 9, 10, 11]
+    kept, _ = run(cfg.model_copy(update={"h2o_recent_ratio": 0.0}), [q], [k], torch.zeros(12, dtype=torch.long))
+    assert kept[0][0].tolist() == [0, 2, 4, 6, 10, 11]  # only the window is recent
+
+
+def test_pyramidkv_linear_layer_budgets():
+    # E = B - W = 10, beta 2: 15, 11.67, 8.33, 5 -> largest remainder 15, 12, 8, 5 (+ window 4).
+    cfg = MadaKVConfig(policy="pyramidkv", window=4, pyramid_beta=2.0, kernel_size=1)
+    n = 40
+    s = [float(i % 7) for i in range(n)]
+    q, k = qk_from_strengths(s, 4)
+    kept, state = run(cfg, [q] * 4, [k] * 4, torch.zeros(n, dtype=torch.long), budget=14)
+    assert state.kept_counts[:, 0].tolist() == [19, 16, 12, 9]
+    assert int(state.kept_counts.sum()) == 4 * 14
+    order = sorted(range(n - 4), key=lambda i: (-s[i], i))
+    for layer, extra in enumerate([15, 12, 8, 5]):
+        assert kept[layer][0].tolist() == sorted(order[:extra] + [36, 37, 38, 39])
+
+
+def test_pyramidkv_caps_at_prompt_length():
+    # E = 14, beta 20: 27.3 and 0.7 -> layer 0 capped at N - W = 16, layer 1 takes 12.
+    psi = torch.arange(20.0)[None]
+    cfg = MadaKVConfig(policy="pyramidkv", window=4)
+    _, state = select_from_scores(cfg, psi, torch.zeros(20, dtype=torch.long), 18, num_layers=2)
+    assert state.kept_counts[:, 0].tolist() == [20, 16]
+
+
+def test_adakv_per_head_floor_then_joint_topk():
+    # B = 6, alpha 0.5 -> floor 3 per head (window 2 + its best); 6 more slots over both heads.
+    head0 = [10.0, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0]
+    head1 = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01, 0, 0]
+    psi = torch.tensor([head0, head1])
+    cfg = MadaKVConfig(policy="adakv", window=2, adakv_alpha=0.5)
+    kept, state = select_from_scores(cfg, psi, torch.zeros(12, dtype=torch.long), 6)
+    assert as_lists(kept[0]) == [[0, 1, 2, 3, 4, 5, 6, 10, 11], [0, 10, 11]]
+    assert state.kept_counts.tolist() == [[9, 3]]
+
+
+def test_adakv_alpha_one_is_uniform():
+    psi = torch.tensor([[10.0, 9, 8, 7, 0, 0], [1.0, 2, 3, 4, 0, 0]])
+    cfg = MadaKVConfig(policy="adakv", window=2, adakv_alpha=1.0)
+    kept, _ = select_from_scores(cfg, psi, torch.zeros(6, dtype=torch.long), 4)
+    assert as_lists(kept[0]) == [[0, 1, 4, 5], [2, 3, 4, 5]]
+
+
+def test_lookm_protects_text_then_best_visual():
+    mod = torch.tensor([TEXT] * 4 + [IMAGE] * 6 + [TEXT] * 2)
+    psi = torch.tensor([[0.0, 0, 0, 0, 1, 5, 2, 4, 3, 0, 9, 9]])
+    cfg = MadaKVConfig(policy="lookm", window=2)
+    kept, _ = select_from_scores(cfg, psi, mod, 8)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 5, 7, 10, 11]
+    psi_text = torch.tensor([[1.0, 3, 2, 0, 9, 9, 9, 9, 9, 9, 0, 0]])
+    kept, _ = select_from_scores(cfg, psi_text, mod, 4)  # 2 slots, 4 text tokens: best 2 text
+    assert kept[0][0].tolist() == [1, 2, 10, 11]
+
+
+MPA_MOD = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
+MPA_PSI = torch.tensor([[5.0, 1, 1, 1, 0, 1, 1, 1, 1, 0, 9, 9]])
+
+
+def test_madakv_mpa_splits_by_modality_mass():
+    # slots 6 split 8:4 -> text 4, image 2.
+    cfg = MadaKVConfig(policy="madakv", window=2, hcc=False, kernel_size=1)
+    kept, _ = select_from_scores(cfg, MPA_PSI, MPA_MOD, 8)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 5, 6, 10, 11]
+    # mpa off: plain top-6 over both modalities (here the same set: 5, then the 1s by index)
+    kept, _ = select_from_scores(cfg.model_copy(update={"mpa": False}), MPA_PSI, MPA_MOD, 8)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 5, 6, 10, 11]
+
+
+def test_madakv_mpa_differs_from_topk():
+    psi = torch.tensor([[9.0, 8, 7, 6, 0.5, 0.4, 0.3, 0.2, 0, 0]])
+    mod = torch.tensor([TEXT] * 4 + [IMAGE] * 4 + [TEXT] * 2)
+    cfg = MadaKVConfig(policy="madakv", window=2, hcc=False)
+    kept, _ = select_from_scores(cfg, psi, mod, 6)  # 4 slots: 30/31.4 -> text 4, image 0
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 8, 9]
+    psi2 = torch.tensor([[3.0, 1, 1, 1, 3, 1, 1, 1, 0, 0]])
+    kept, _ = select_from_scores(cfg, psi2, mod, 6)  # masses 6:6 -> 2 and 2
+    assert kept[0][0].tolist() == [0, 1, 4, 5, 8, 9]
+
+
+def test_madakv_hcc_demand_then_last_layer_absorbs():
+    # theta 0.5: text [8,1,1,0,0] needs 1, image [3,3,0,0,0] needs 1 -> demand 2 + window 2 = 4.
+    mod = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
+    psi = torch.tensor([[8.0, 1, 1, 0, 0, 3, 3, 0, 0, 0, 1, 1]])
+    cfg = MadaKVConfig(policy="madakv", window=2, min_per_head=2, theta=0.5, kernel_size=1)
+    kept, state = select_from_scores(cfg, psi, mod, 6, num_layers=2)
+    assert kept[0][0].tolist() == [0, 5, 10, 11]
+    # last layer takes the remaining 12 - 4 = 8: MPA split of 6 by 10:6 -> 3.75/2.25 -> 4 and 2
+    assert kept[1][0].tolist() == [0, 1, 2, 3, 5, 6, 10, 11]
+    assert state.kept_counts.tolist() == [[4], [8]]
+    assert state.phi.tolist() == [6.0, 8.0]
+
+
+def test_madakv_hcc_clamps_greedy_layer_to_keep_later_layers_feasible():
+    # Uniform psi: demand ~ 0.9 * 10 + 2 -> clipped 11; B = 4, total 8; layer 1 needs >= floor 2.
+    psi = torch.ones(1, 12)
+    cfg = MadaKVConfig(policy="madakv", window=2, kernel_size=1)
+    _, state = select_from_scores(cfg, psi, torch.zeros(12, dtype=torch.long), 4, num_layers=2)
+    assert state.kept_counts.tolist() == [[6], [2]]
+    assert state.phi.tolist() == [4.0, 2.0]
+
+
+def test_madakv_hcc_without_mpa_uses_one_group():
+    mod = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
+    psi = torch.tensor([[8.0, 1, 1, 0, 0, 3, 3, 0, 0, 0, 1, 1]])
+    cfg = MadaKVConfig(policy="madakv", window=2, min_per_head=2, theta=0.5, mpa=False)
+    kept, _ = select_from_scores(cfg, psi, mod, 6, num_layers=2)
+    assert kept[0][0].tolist() == [0, 10, 11]  # 8 >= 0.5 * 16: one token
+    # last layer: 12 - 3 = 9, i.e. 7 slots by plain top-k: 8, 3, 3, 1, 1, then the lowest-index zeros
+    assert kept[1][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 10, 11]
+
+
+# ---------------------------------------------------------------------------------------------
+# properties over all policies
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def scenarios(draw, policy=None):
+    policy = policy or draw(st.sampled_from(POLICIES))
+    n = draw(st.integers(1, 48))
+    window = draw(st.integers(1, 10))
+    present = draw(st.lists(st.sampled_from([TEXT, IMAGE, VIDEO, AUDIO]), min_size=1, max_size=4, unique=True))
+    modality = torch.tensor(draw(st.lists(st.sampled_from(present), min_size=n, max_size=n)), dtype=torch.long)
+    budget = draw(st.one_of(st.floats(0.01, 1.0), st.integers(1, 24)))
+    cfg = MadaKVConfig(
+        policy=policy,
+        budget=budget,
+        window=window,
+        sink_tokens=draw(st.integers(0, 4)),
+        kernel_size=draw(st.integers(1, 5)),
+        pooling=draw(st.sampled_from(["avg", "max"])),
+        theta=draw(st.sampled_from([0.1, 0.3, 0.5, 0.9, 1.0])),
+        min_per_head=draw(st.one_of(st.none(), st.integers(1, 20))),
+        mpa=draw(st.booleans()),
+        hcc=draw(st.booleans()),
+        pyramid_beta=draw(st.floats(0.5, 30.0)),
+        adakv_alpha=draw(st.floats(0.0, 1.0)),
+        h2o_recent_ratio=draw(st.floats(0.0, 1.0)),
+    )
+    shape = dict(
+        num_layers=draw(st.integers(1, 3)),
+        num_kv_heads=draw(st.integers(1, 3)),
+        group=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**16)),
+        sharp=draw(st.sampled_from([0.3, 1.0, 4.0, 10.0])),
+    )
+    return cfg, modality, shape
+
+
+def check_invariants(cfg, modality, shape):
+    n = modality.numel()
+    qs, ks = random_layers(shape["num_layers"], shape["num_kv_heads"], shape["group"], n, cfg.window,
+                           seed=shape["seed"], sharp=shape["sharp"])
+    kept, state = run(cfg, qs, ks, modality)
+    big_l, h = shape["num_layers"], shape["num_kv_heads"]
+    b = cfg.budget_tokens(n)
+    assert state.budget == b
+    total = sum(t.numel() for layer in kept for t in layer)
+    assert total == big_l * h * b == int(state.kept_counts.sum())
+    must = forced_set(n, cfg.window, cfg.sink_tokens)
+    for l, layer in enumerate(kept):
+        assert len(layer) == h
+        for hh, t in enumerate(layer):
+            assert t.dtype == torch.int64
+            assert min(n, cfg.window) <= t.numel() <= n
+            assert t.numel() == int(state.kept_counts[l, hh])
+            assert torch.equal(t, torch.unique(t))  # sorted, unique
+            assert int(t.min()) >= 0 and int(t.max()) < n
+            assert must <= set(t.tolist())
+            if b >= n:
+                assert t.tolist() == list(range(n))
+    kept2, _ = run(cfg, qs, ks, modality)
+    assert all(torch.equal(a, c) for la, lc in zip(kept, kept2) for a, c in zip(la, lc))  # deterministic
+    return kept, state, qs, ks
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@FEW
+@given(data=st.data())
+def test_invariants_every_policy(policy, data):
+    check_invariants(*data.draw(scenarios(policy)))
+
+
+@PROPS
+@given(scenarios("madakv"))
+def test_hcc_budget_feasible_layer_by_layer_and_demand_kept(scenario):
+    cfg, modality, shape = scenario
+    cfg = cfg.model_copy(update={"hcc": True})
+    kept, state, qs, ks = check_invariants(cfg, modality, shape)
+    n, big_l, h = modality.numel(), shape["num_layers"], shape["num_kv_heads"]
+    event(f"keeps all: {state.keeps_all}")
+    if state.keeps_all:
+        return
+    fl, f = state.floor, state.num_forced
+    groups = state.group.tolist()
+    num_groups = 4 if cfg.mpa else 1
+    remaining = big_l * h * state.budget
+    for l in range(big_l):
+        counts = state.kept_counts[l]
+        left = big_l - l - 1
+        lo, hi = max(h * fl, remaining - left * h * n), min(h * n, remaining - left * h * fl)
+        assert state.phi[l] == pytest.approx(remaining / (h * (big_l - l)))
+        assert lo <= int(counts.sum()) <= hi
+        assert ((counts >= fl) & (counts <= n)).all()
+        psi = window_scores(qs[l], ks[l], cfg.kernel_size, cfg.pooling)
+        raw = [f + sum(reference_demand(psi[hh], groups, num_groups, cfg.theta)) for hh in range(h)]
+        want = [min(max(r, fl), n) for r in raw]
+        if lo <= sum(want) <= hi:
+            event("layer keeps its clipped demand")
+            assert counts.tolist() == want
+        else:
+            event("layer total clamped for feasibility")
+        for hh in range(h):
+            kept_groups = [groups[i] for i in kept[l][hh].tolist()]
+            per_group = [kept_groups.count(m) for m in range(num_groups)]
+            assert sum(per_group) == int(counts[hh]) - f  # quotas sum to the head budget minus forced
+            if int(counts[hh]) == raw[hh]:
+                event("head keeps its raw demand")
+                assert per_group == reference_demand(psi[hh], groups, num_groups, cfg.theta)
+        remaining -= int(counts.sum())
+        assert left * h * fl <= remaining <= left * h * n
+    assert remaining == 0
+
+
+@PROPS
+@given(scenarios("madakv"))
+def test_mpa_quotas_by_mass_and_top_within_modality(scenario):
+    cfg, modality, shape = scenario
+    cfg = cfg.model_copy(update={"hcc": False, "mpa": True})
+    kept, state, qs, ks = check_invariants(cfg, modality, shape)
+    if state.keeps_all:
+        return
+    groups = state.group
+    slots = state.budget - state.num_forced
+    sizes = torch.bincount(groups, minlength=5)[:4]
+    for l in range(len(ks)):
+        psi = window_scores(qs[l], ks[l], cfg.kernel_size, cfg.pooling)
+        for hh, t in enumerate(kept[l]):
+            mask = torch.zeros(modality.numel(), dtype=torch.bool)
+            mask[t] = True
+            got = [int((mask & (groups == m)).sum()) for m in range(4)]
+            assert sum(got) == slots
+            mass = torch.tensor([float(psi[hh][groups == m].double().sum()) for m in range(4)])
+            expected = apportion(slots, mass, sizes).tolist()
+            if got != expected:  # allowed only for a float tie between largest remainders
+                share = slots * mass / mass.sum()
+                assert (share <= sizes).all() and ((torch.tensor(got) - share).abs() < 1).all()
+                frac = (share - share.floor())[[m for m in range(4) if got[m] != expected[m]]]
+                assert float(frac.max() - frac.min()) < 1e-6
+            for m in range(4):  # the kept tokens of a modality are its best-scored ones
+                inm = groups == m
+                if (mask & inm).any() and (~mask & inm).any():
+                    assert psi[hh][mask & inm].min() >= psi[hh][~mask & inm].max()
+
+
+@PROPS
+@given(scenarios("pyramidkv"))
+def test_pyramidkv_budgets_fall_with_depth(scenario):
+    cfg, modality, shape = scenario
+    cfg = cfg.model_copy(update={"pyramid_beta": max(cfg.pyramid_beta, 1.0)})
+    _, state, _, _ = check_invariants(cfg, modality, shape)
+    per_layer = state.kept_counts[:, 0].tolist()
+    assert all(a >= c for a, c in zip(per_layer, per_layer[1:]))
+    assert (state.kept_counts == state.kept_counts[:, :1]).all()  # same for every head of a layer
+
+
+def test_layers_are_streamed_in_order():
+    cfg = MadaKVConfig(policy="madakv", window=2, budget=5)
+    qs, ks = random_layers(3, 2, 2, 12, 2)
+    mod = torch.tensor([TEXT, IMAGE] * 6)
+    kept, _ = run(cfg, qs, ks, mod)
+    ks_other = ks[:2] + [torch.randn_like(ks[2])]
+    kept_other, _ = run(cfg, qs, ks_other, mod)
+    for l in range(2):  # earlier layers cannot depend on later ones
+        assert all(torch.equal(a, c) for a, c in zip(kept[l], kept_other[l]))
+    pol = make_policy(cfg)
+    state = pol.begin(num_layers=3, num_kv_heads=2, seq_len=12, modality=mod, budget=5)
+    with pytest.raises(ValueError):
+        pol.select_layer(state, layer=1, query=qs[1], key=ks[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# edge cases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_prompt_shorter_than_window_keeps_all(policy):
+    cfg = MadaKVConfig(policy=policy, window=8, budget=0.2)
+    qs, ks = random_layers(2, 2, 3, 5, 8)
+    kept, state = run(cfg, qs, ks, torch.tensor([0, 1, 1, 0, 0]), budget=3)  # 3 < window: clamped
+    assert state.budget == 5
+    assert all(t.tolist() == [0, 1, 2, 3, 4] for layer in kept for t in layer)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    "modality",
+    [
+        [TEXT] * 24,
+        [IMAGE] * 24,
+        [VIDEO] * 12 + [AUDIO] * 12,
+        [TEXT] * 4 + [IMAGE] * 8 + [VIDEO] * 4 + [AUDIO] * 4 + [TEXT] * 4,
+    ],
+    ids=["all-text", "all-image", "video-audio", "four"],
+)
+def test_modality_mixes_one_kv_head(policy, modality):
+    cfg = MadaKVConfig(policy=policy, window=4, budget=9, sink_tokens=1)
+    qs, ks = random_layers(3, 1, 1, 24, 4, sharp=2.0)
+    kept, state = run(cfg, qs, ks, torch.tensor(modality))
+    b = 24 if policy == "full" else 9
+    assert int(state.kept_counts.sum()) == 3 * b
+    for layer in kept:
+        assert {0, 20, 21, 22, 23} <= set(layer[0].tolist())
+
+
+def test_budget_fraction_and_tokens_agree():
+    qs, ks = random_layers(2, 2, 2, 40, 4)
+    mod = torch.tensor([TEXT] * 20 + [IMAGE] * 20)
+    a, sa = run(MadaKVConfig(window=4, budget=0.25), qs, ks, mod)
+    b, sb = run(MadaKVConfig(window=4, budget=10), qs, ks, mod)
+    assert sa.budget == sb.budget == 10
+    assert all(torch.equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
+
+
+def test_select_all_matches_streaming_calls():
+    cfg = MadaKVConfig(policy="adakv", window=3, budget=0.3)
+    qs, ks = random_layers(3, 2, 2, 30, 3)
+    mod = torch.tensor([TEXT, IMAGE, IMAGE] * 10)
+    pol = make_policy(cfg)
+    out = pol.select_all(qs, ks, mod, cfg.budget_tokens(30))
+    kept, _ = run(cfg, qs, ks, mod)
+    assert all(torch.equal(x, y) for la, lb in zip(out, kept) for x, y in zip(la, lb))
+    assert isinstance(pol, Policy) and isinstance(pol.last_state, CompressionState)
+
+
+def test_bad_inputs_raise():
+    pol = make_policy(MadaKVConfig())
+    with pytest.raises(ValueError):
+        pol.begin(num_layers=1, num_kv_heads=1, seq_len=3, modality=torch.tensor([0, 1, 4]), budget=2)
+    with pytest.raises(ValueError):
+        pol.begin(num_layers=1, num_kv_heads=1, seq_len=3, modality=torch.tensor([0, 1]), budget=2)
+    state = pol.begin(num_layers=1, num_kv_heads=2, seq_len=3, modality=torch.tensor([0, 1, 0]), budget=2)
+    with pytest.raises(ValueError):
+        pol.select_layer(state, layer=0, query=torch.zeros(2, 3, 4), key=torch.zeros(1, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode-time re-compression
+# ---------------------------------------------------------------------------------------------
+
+
+def test_recompress_head_hand_cases():
+    psi = torch.tensor([5.0, 1, 1, 1, 0, 1, 1, 1, 1, 0, 9, 9])
+    mod = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
+    assert recompress_head(psi, mod, 8, 2, mpa=True).tolist() == [0, 1, 2, 3, 5, 6, 10, 11]
+    assert recompress_head(psi, mod, 5, 2, mpa=False).tolist() == [0, 1, 2, 10, 11]
+    assert recompress_head(psi, mod, 20, 2, mpa=True).tolist() == list(range(12))
+    assert recompress_head(psi, mod, 1, 2, mpa=True).tolist() == [11]  # keep < window: most recent
+    psi2 = torch.tensor([0.0, 1, 3, 1, 0, 0, 0, 0, 0, 0, 9, 9])
+    text = torch.zeros(12, dtype=torch.long)
+    assert recompress_head(psi2, text, 4, 2, mpa=False).tolist() == [1, 2, 10, 11]
+    assert recompress_head(psi2, text, 4, 2, mpa=False, sinks=1).tolist() == [0, 2, 10, 11]
+
+
+@PROPS
+@given(
+    st.lists(st.floats(0, 10), min_size=1, max_size=40),
+    st.lists(st.sampled_from([TEXT, IMAGE, VIDEO, AUDIO]), min_size=40, max_size=40),
+    st.integers(0, 50),
+    st.integers(1, 8),
+    st.booleans(),
+    st.integers(0, 3),
+)
+def test_recompress_head_properties(psi, mods, keep, window, mpa, sinks):
+    n = len(psi)
+    psi_t = torch.tensor(psi)
+    mod = torch.tensor(mods[:n])
+    out = recompress_head(psi_t, mod, keep, window, mpa, sinks=sinks)
+    assert out.dtype == torch.int64 and out.numel() == min(keep, n)
+    assert torch.equal(out, torch.unique(out))
+    got = set(out.tolist())
+    w = min(window, n)
+    if keep >= w:
+        assert set(range(n - w, n)) <= got
+        assert set(range(min(sinks, keep - w, n - w))) <= got
+    else:
+        assert got == set(range(n - keep, n))
+    assert torch.equal(out, recompress_head(psi_t, mod, keep, window, mpa, sinks=sinks))
+
+
+# ---------------------------------------------------------------------------------------------
+# packaging
+# ---------------------------------------------------------------------------------------------
+
+
+def test_policies_do_not_import_vllm():
+    code = "import sys, madakv_vllm.policies; assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hcc_max_scale_caps_greedy_early_layers():
+    """Diffuse attention: uncapped HCC hands early layers most of the budget; the cap bounds each
+    layer by max_scale x its fair share of what remains, and the total stays exact."""
+    from madakv_vllm.config import MadaKVConfig
+
+    torch.manual_seed(0)
+    L, H, G, N, D, B = 6, 2, 2, 400, 16, 80
+    q = [torch.randn(H * G, 32, D) * 0.1 for _ in range(L)]
+    k = [torch.randn(H, N, D) * 0.1 for _ in range(L)]
+    mod = torch.zeros(N, dtype=torch.long)
+    mod[100:300] = 1
+    totals = {}
+    for scale in (float("inf"), 2.0):
+        policy = make_policy(MadaKVConfig(hcc_max_scale=scale))
+        policy.select_all(q, k, mod, B)
+        st = policy.last_state
+        counts = st.kept_counts.sum(1)
+        assert int(counts.sum()) == L * H * B
+        totals[scale] = counts
+        if scale != float("inf"):
+            for layer in range(L - 1):
+                assert counts[layer] <= max(H * 32, int(scale * H * float(st.phi[layer]))) + 0
+    assert totals[float("inf")][0] > totals[2.0][0]

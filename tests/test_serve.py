@@ -1,0 +1,92 @@
+"""Real multi-process paths: `vllm serve --attention-backend madakv` (OpenAI API) and the
+offline LLM class with spawned engine-core / worker processes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import openai
+import pytest
+
+from madakv_vllm.demo import chat_with_image, free_port, metrics, serve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    model = model_dir("qwen2vl")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    cfg = json.dumps({"madakv": {"policy": "madakv", "budget": 0.2, "recompress_interval": 32}})
+    with serve(model, port, "--attention-backend", "madakv", "--additional-config", cfg, "--max-model-len", "8192",
+               "--block-size", "32", "--enforce-eager", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, log=log):
+        yield port, str(model), log
+
+
+def test_multimodal_chat(server):
+    port, model, log = server
+    resp = chat_with_image(port, model, n_images=3, text="compare the images " * 40, max_tokens=20)
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.usage.completion_tokens >= 1
+    assert resp.usage.prompt_tokens > 3 * 16  # three images' placeholders were expanded
+    m = metrics(port)
+    assert "vllm:num_requests_running" in m and "vllm:kv_cache_usage_perc" in m
+    assert "madakv" in log.read_text().lower()
+
+
+def test_per_request_override_and_http_400(server):
+    port, model, _ = server
+    ok = chat_with_image(port, model, extra_body={"vllm_xargs": {"madakv_policy": "snapkv", "madakv_budget": 0.1}})
+    assert ok.usage.completion_tokens >= 1
+    for bad, field in [({"madakv_budget": 4.0}, "madakv_budget"), ({"madakv_policy": "lru"}, "madakv_policy"),
+                       ({"madakv_nope": 1}, "madakv_nope")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat_with_image(port, model, extra_body={"vllm_xargs": bad})
+        assert e.value.status_code == 400 and field in str(e.value)
+    # the engine is still serving
+    assert chat_with_image(port, model).usage.completion_tokens >= 1
+
+
+def test_invalid_server_config_fails_at_startup_naming_the_field(model_dir):
+    vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
+    r = subprocess.run(
+        [vllm_bin, "serve", str(model_dir("llama")), "--attention-backend", "madakv", "--port", str(free_port()),
+         "--host", "127.0.0.1", "--additional-config", json.dumps({"madakv": {"budget": 7.5}})],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert r.returncode != 0
+    assert "madakv.budget" in r.stdout + r.stderr
+
+
+def test_offline_llm_with_spawned_processes_matches_in_process(model_dir, engine):
+    """LLM(attention_backend='madakv') through spawned engine-core and worker processes."""
+    from conftest import mm_prompt, words
+    from vllm import SamplingParams
+
+    model = model_dir("qwen2vl")
+    cfg = {"policy": "madakv", "budget": 0.2}
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from conftest import mm_prompt, words
+        from vllm import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM(model={str(model)!r}, attention_backend="madakv", additional_config={{"madakv": {cfg!r}}},
+                      enforce_eager=True, max_model_len=8192, block_size=32, dtype="float32", seed=0,
+                      max_num_batched_tokens=512, limit_mm_per_prompt={{"image": 8}})
+            p = [mm_prompt("qwen2vl", [0, words(600), 1]), mm_prompt("qwen2vl", [words(50, 1)])]
+            out = llm.generate(p, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+            print("RESULT" + json.dumps([list(o.outputs[0].token_ids) for o in out]))
+    """)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400, env=env)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    spawned = json.loads(lines[0][len("RESULT"):])
+    llm = engine("qwen2vl", cfg)
+    p = [mm_prompt("qwen2vl", [0, words(600), 1]), mm_prompt("qwen2vl", [words(50, 1)])]
+    local = [list(o.outputs[0].token_ids) for o in llm.generate(p, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)]
+    assert spawned == local
