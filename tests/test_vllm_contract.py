@@ -83,3 +83,21 @@ def test_cpu_platform_still_ignores_unknown_backends():
 
     src = inspect.getsource(CpuPlatform.get_attn_backend_cls)
     assert "CPU_ATTN" in src
+
+
+def test_cuda_platform_rejects_madakv_clearly_without_a_gpu():
+    """No CUDA implementation yet: selecting it must fail at startup with a clear message."""
+    from types import SimpleNamespace
+
+    try:
+        from vllm.platforms.cuda import CudaPlatformBase
+    except ImportError as e:
+        pytest.skip(f"this vLLM build has no CUDA platform module ({e}); run with the `cuda` extra")
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import madakv_vllm
+
+    madakv_vllm.register()
+    cfg = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum["MADAKV"]))
+    with pytest.raises(ValueError, match="CPU platform only"):
+        CudaPlatformBase.check_and_update_config(cfg)

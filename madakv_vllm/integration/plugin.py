@@ -17,7 +17,11 @@ logger = logging.getLogger("vllm.madakv")
 
 BACKEND_NAME = "MADAKV"
 CPU_BACKEND_PATH = "madakv_vllm.integration.cpu_backend.MadaKVCPUBackend"
-CUDA_BACKEND_PATH = "madakv_vllm.integration.cuda_backend.MadaKVCUDABackend"
+# No CUDA implementation yet: selecting madakv on a GPU platform fails at startup, clearly.
+CUDA_UNSUPPORTED = (
+    "--attention-backend madakv is implemented for vLLM's CPU platform only in this version of "
+    "madakv-vllm; on CUDA use a stock backend (no KV eviction)"
+)
 
 _registered = False
 
@@ -83,10 +87,10 @@ def _patch_platforms() -> None:
         from vllm.platforms.cuda import CudaPlatformBase
     except Exception:  # pragma: no cover - CPU-only builds may lack it
         return
-    _wrap_platform(CudaPlatformBase, CUDA_BACKEND_PATH)
+    _wrap_platform(CudaPlatformBase, None)
 
 
-def _wrap_platform(platform_cls, backend_path: str) -> None:
+def _wrap_platform(platform_cls, backend_path: str | None) -> None:
     if getattr(platform_cls, "_madakv_patched", False):
         return
     orig_select = platform_cls.get_attn_backend_cls.__func__
@@ -95,6 +99,8 @@ def _wrap_platform(platform_cls, backend_path: str) -> None:
     @functools.wraps(orig_select)
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
         if is_madakv(selected_backend):
+            if backend_path is None:
+                raise ValueError(CUDA_UNSUPPORTED)
             if attn_selector_config.use_mla or attn_selector_config.use_sparse:
                 raise ValueError("--attention-backend madakv supports standard (non-MLA, dense) attention only")
             return backend_path
@@ -102,6 +108,8 @@ def _wrap_platform(platform_cls, backend_path: str) -> None:
 
     @functools.wraps(orig_check)
     def check_and_update_config(cls, vllm_config) -> None:
+        if backend_path is None and selected_in(vllm_config):
+            raise ValueError(CUDA_UNSUPPORTED)
         orig_check(cls, vllm_config)
         if selected_in(vllm_config):
             configure_engine(vllm_config)
