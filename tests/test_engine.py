@@ -193,10 +193,21 @@ def test_compacted_attention_equals_dense_reference(engine):
             if pol == "streamingllm":
                 extra["madakv_sink_tokens"] = 4
             reqs[pol] = (prompt, greedy(40, **extra))
-        outs = _run(llm, reqs)
+        growth = []
+
+        def bounded(step):  # issue 4.4: never more than budget + interval entries per head
+            from madakv_vllm.integration import cpu_backend
+
+            for st in cpu_backend._STATES:
+                for rs in st.requests.values():
+                    if rs.compressed:
+                        growth.append(int((rs.lens - rs.base_counts).max()))
+
+        outs = _run(llm, reqs, bounded)
     finally:
         verify.ENABLED = False
     assert len(outs) == len(reqs)
+    assert growth and max(growth) <= 16 and min(growth) >= 0
     assert verify.SHADOW.compressed_checked > 1000
     assert verify.SHADOW.max_err < 1e-4, verify.SHADOW.max_err
 

@@ -168,13 +168,14 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 rs = st.request(rid, req_state)
                 length = int(seq_lens[i])
                 block_ids = req_state.block_ids[0]
+                ev = None
                 if rs.compressed:
                     compressed_rows.append((i, rs, block_ids))
                 else:
                     ev = st.plan_row(i, rs, length, block_ids)
                     if ev is not None:
                         events.append(ev)
-                if rs.tracks_queries:
+                if rs.tracks_queries or ev is not None:
                     query_rows.append((i, rs, int(qsl[i]), int(qsl[i + 1])))
 
         # Compressed requests: their own per-(layer, head) tables and lengths.

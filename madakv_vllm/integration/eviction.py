@@ -64,7 +64,8 @@ class RequestKV:
 
     @property
     def tracks_queries(self) -> bool:
-        return not (self.decided and self.plan is None)
+        """Window queries are needed until the prompt's compression, then only to re-compress."""
+        return not self.decided or (self.plan is not None and self.plan.interval > 0)
 
     def push_queries(self, layer: int, q: torch.Tensor, window: int) -> None:
         """q: [n, Hq, D] of this step's tokens (in order)."""
@@ -255,6 +256,8 @@ class EvictionState:
         if ev.kind == "prompt":
             rs.base_counts = counts.clone()
             rs.compressed = True
+            if rs.plan.interval <= 0:
+                rs.queries = [None] * L  # no re-compression: the window queries are not needed again
 
     # --- reading entries -----------------------------------------------------------
 
