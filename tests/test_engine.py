@@ -96,7 +96,7 @@ def test_full_policy_equals_stock(engine, kind):
 
 @pytest.mark.parametrize("kind", ["qwen2vl", "llava"])
 def test_modality_provenance_from_placeholders(engine, kind):
-    from madakv_vllm.integration import cpu_backend
+    from madakv_vllm.integration import per_head
 
     llm = engine(kind, FULL)
     tok = llm.get_tokenizer()
@@ -116,7 +116,7 @@ def test_modality_provenance_from_placeholders(engine, kind):
         llm.llm_engine.step()
         for name in set(cases) - checked:
             rid = internal_id(llm, name)
-            states = [st for st in cpu_backend._STATES if rid in st.requests]
+            states = [st for st in per_head.STATES if rid in st.requests]
             if not states:
                 continue  # not scheduled yet
             req = core(llm).scheduler.requests[rid]
@@ -196,9 +196,9 @@ def test_compacted_attention_equals_dense_reference(engine):
         growth = []
 
         def bounded(step):  # issue 4.4: never more than budget + interval entries per head
-            from madakv_vllm.integration import cpu_backend
+            from madakv_vllm.integration import per_head
 
-            for st in cpu_backend._STATES:
+            for st in per_head.STATES:
                 for rs in st.requests.values():
                     if rs.compressed:
                         growth.append(int((rs.lens - rs.base_counts).max()))

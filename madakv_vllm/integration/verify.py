@@ -27,13 +27,12 @@ class Shadow:
         for key in [k for k in self.kv if k[0] in req_ids]:
             del self.kv[key]
 
-    def record_and_check(self, md, layer: int, query, key, value, output, scale: float) -> None:
-        st = md.state
-        qsl = md.ps_query_start_loc
-        T = md.num_actual_tokens
-        seq_lens = md.seq_lens
-        for i, rid in enumerate(md.req_ids or []):
-            start, end = int(md.query_start_loc[i]), int(md.query_start_loc[i + 1])
+    def record_and_check(self, batch, layer: int, query, key, value, output, scale: float) -> None:
+        """batch: per_head.PerHeadBatch; query/key/value/output: [T, heads, D] of this layer."""
+        st = batch.state
+        seq_lens = batch.seq_lens
+        for i, rid in enumerate(batch.req_ids or []):
+            start, end = int(batch.query_start_loc[i]), int(batch.query_start_loc[i + 1])
             n_q = end - start
             length = int(seq_lens[i])
             first = length - n_q

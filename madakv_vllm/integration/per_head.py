@@ -1,0 +1,183 @@
+"""Device-independent half of the MADAKV backends.
+
+Turns vLLM's per-request batch (CommonAttentionMetadata) into one kernel sequence
+per (request, KV head) over the per-head view of the KV buffer, and runs the
+eviction hooks after each layer's attention. The CPU and CUDA backends differ
+only in the kernels they call.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from madakv_vllm.integration import verify
+from madakv_vllm.integration.eviction import EvictionState
+from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
+
+# --- worker hook: which request is in which batch row ---------------------------
+
+_RUNNER = None
+# Server-wide config of the model built last in this process; customize_spec gets no config.
+_CONFIG_JSON: str | None = None
+STATES: "weakref.WeakSet[EvictionState]" = weakref.WeakSet()
+
+
+def set_config_json(text: str) -> None:
+    global _CONFIG_JSON
+    _CONFIG_JSON = text
+
+
+def customize_spec(spec):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if type(spec) is not FullAttentionSpec:  # also called for page-size probes and other specs
+        return spec
+    if _CONFIG_JSON is None:
+        raise RuntimeError("madakv: KV cache spec requested before the model was built")
+    return MadaKVAttentionSpec.from_full(spec, _CONFIG_JSON)
+
+
+def install_runner_hook() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, "_madakv_patched", False):
+        return
+    orig = GPUModelRunner._update_states
+
+    def _update_states(self, scheduler_output):
+        global _RUNNER
+        _RUNNER = self
+        gone = set(scheduler_output.finished_req_ids)
+        gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        if gone:
+            for st in STATES:
+                st.drop(gone)
+            if verify.ENABLED:
+                verify.SHADOW.drop(gone)
+        return orig(self, scheduler_output)
+
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._madakv_patched = True
+
+
+# --- one step's batch, per (request, KV head) --------------------------------------
+
+
+@dataclass
+class PerHeadBatch:
+    state: EvictionState
+    num_tokens: int
+    query_start_loc: torch.Tensor  # [R + 1] per request (cpu, int64)
+    seq_lens: torch.Tensor  # [R] (cpu, int64)
+    flat_slots: list  # per layer: [H*T] write slots, head-major (-1: skip)
+    ps_query_start_loc: torch.Tensor  # [H*R + 1] int32, sequence (h, r) at h*R + r
+    ps_seq_lens: list  # per layer: [H*R] int32
+    ps_block_tables: list  # per layer: [H*R, max_blocks] int32
+    has_compressed: bool
+    query_rows: list  # (row, RequestKV, start, end) whose queries are kept
+    events: list  # eviction.Event
+    req_ids: list | None  # None for dummy/profiling batches
+
+
+def build_batch(state: EvictionState, cm, block_size: int) -> PerHeadBatch:
+    c = state.cache
+    R, T, H, L, bs = cm.num_reqs, cm.num_actual_tokens, state.H, state.num_layers, block_size
+    qsl = cm.query_start_loc_cpu[: R + 1].to(torch.long)
+    seq_lens = cm.seq_lens.cpu()[:R].to(torch.long)
+    block_table = cm.block_table_tensor[:R].cpu().to(torch.long)
+    slot_mapping = cm.slot_mapping[:T].cpu().to(torch.long)
+
+    runner = _RUNNER
+    req_ids = list(runner.input_batch.req_ids[:R]) if runner is not None else []
+    real = len(req_ids) == R and all(r in runner.requests for r in req_ids)
+
+    # Stock layout for every row: head h of page p is sub-block p*H + h.
+    heads = torch.arange(H)
+    page, off = slot_mapping // bs, slot_mapping % bs
+    valid = slot_mapping >= 0
+    flat_slots, tables, lens = [], [], []
+    for l in range(L):
+        s = c.subblock(l, page.unsqueeze(0), heads.unsqueeze(1)) * bs + off.unsqueeze(0)  # [H, T]
+        flat_slots.append(torch.where(valid.unsqueeze(0), s, torch.full_like(s, -1)))
+        tables.append(c.subblock(l, block_table.unsqueeze(0), heads.view(H, 1, 1)))  # [H, R, maxb]
+        lens.append(seq_lens.unsqueeze(0).expand(H, R).clone())
+
+    query_rows, events, compressed_rows = [], [], []
+    if real:
+        for i, rid in enumerate(req_ids):
+            req_state = runner.requests[rid]
+            rs = state.request(rid, req_state)
+            block_ids = req_state.block_ids[0]
+            ev = None
+            if rs.compressed:
+                compressed_rows.append((i, rs, block_ids))
+            else:
+                ev = state.plan_row(i, rs, int(seq_lens[i]), block_ids)
+                if ev is not None:
+                    events.append(ev)
+            if rs.tracks_queries or ev is not None:
+                query_rows.append((i, rs, int(qsl[i]), int(qsl[i + 1])))
+
+    # Compressed requests: their own per-(layer, head) tables and lengths.
+    if compressed_rows:
+        width = max([tables[0].shape[2]] + [int(rs.nsub.max()) + 1 for _, rs, _ in compressed_rows])
+        tables = [torch.nn.functional.pad(t, (0, width - t.shape[2])) for t in tables]
+        for i, rs, block_ids in compressed_rows:
+            # Usually one decode token; a resumed request may replay several (causal, appended in order).
+            t0, t1 = int(qsl[i]), int(qsl[i + 1])
+            for t in range(t0, t1):
+                slots = state.append_slots(rs, block_ids, int(seq_lens[i]) - (t1 - t))  # [L, H]
+                for l in range(L):
+                    flat_slots[l][:, t] = slots[l]
+            n = int(rs.nsub.max())
+            for l in range(L):
+                tables[l][:, i, :n] = rs.sub[l, :, :n]
+                lens[l][:, i] = rs.lens[l]
+            ev = state.plan_row(i, rs, int(seq_lens[i]), block_ids)
+            if ev is not None:
+                events.append(ev)
+
+    return PerHeadBatch(
+        state=state,
+        num_tokens=T,
+        query_start_loc=qsl,
+        seq_lens=seq_lens,
+        flat_slots=[s.reshape(-1) for s in flat_slots],
+        ps_query_start_loc=torch.cat([qsl[:-1] + h * T for h in range(H)] + [torch.tensor([H * T])]).to(torch.int32),
+        ps_seq_lens=[x.reshape(-1).to(torch.int32) for x in lens],
+        ps_block_tables=[t.reshape(H * R, -1).to(torch.int32) for t in tables],
+        has_compressed=bool(compressed_rows),
+        query_rows=query_rows,
+        events=events,
+        req_ids=req_ids if real else None,
+    )
+
+
+def to_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[T, H*G, D] -> [H*T, G, D]: rows of sequence (h, r) contiguous, h-major."""
+    t, hq, d = x.shape
+    return x.view(t, num_kv_heads, hq // num_kv_heads, d).transpose(0, 1).reshape(num_kv_heads * t, -1, d)
+
+
+def from_heads(out: torch.Tensor, dst: torch.Tensor, num_kv_heads: int) -> None:
+    """Inverse of to_heads, written into dst [T, H*G, D]."""
+    t = dst.shape[0]
+    dst.view(t, num_kv_heads, -1, dst.shape[-1]).copy_(out.view(num_kv_heads, t, -1, out.shape[-1]).transpose(0, 1))
+
+
+def after_attention(batch: PerHeadBatch, layer_idx: int, layer, query, key, value, output, scale: float) -> None:
+    """Eviction hooks of one layer, right after its attention (query/key/value/output: [T, heads, D])."""
+    st = batch.state
+    if verify.ENABLED and key is not None:
+        verify.SHADOW.record_and_check(batch, layer_idx, query, key, value, output, scale)
+    for i, rs, start, end in batch.query_rows:
+        rs.push_queries(layer_idx, query[start:end], rs.cfg.window)
+    for ev in batch.events:
+        st.select_layer(ev, layer_idx, layer)
+    if batch.events and layer_idx == st.num_layers - 1:
+        for ev in batch.events:  # all layers have run: pack every layer's retained KV
+            st.compact(ev, layer)
