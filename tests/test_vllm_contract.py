@@ -11,7 +11,7 @@ import pytest
 import torch
 import vllm
 
-from madakv_vllm.integration import VLLM_MINOR, VLLM_TOUCHPOINTS
+from madakv_vllm.integration import VLLM_CUDA_TOUCHPOINTS, VLLM_MINOR, VLLM_TOUCHPOINTS
 
 
 def test_vllm_minor_version():
@@ -24,6 +24,17 @@ def test_vllm_minor_version():
 @pytest.mark.parametrize("module, qualname, why", VLLM_TOUCHPOINTS, ids=[t[1] for t in VLLM_TOUCHPOINTS])
 def test_touchpoint_exists(module, qualname, why):
     obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        assert hasattr(obj, part), f"vLLM moved {module}.{qualname} ({why})"
+        obj = getattr(obj, part)
+
+
+@pytest.mark.parametrize("module, qualname, why", VLLM_CUDA_TOUCHPOINTS, ids=[t[1] for t in VLLM_CUDA_TOUCHPOINTS])
+def test_cuda_touchpoint_exists(module, qualname, why):
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        pytest.skip(f"{module} needs vLLM's CUDA build ({e})")
     for part in qualname.split("."):
         assert hasattr(obj, part), f"vLLM moved {module}.{qualname} ({why})"
         obj = getattr(obj, part)
@@ -85,8 +96,9 @@ def test_cpu_platform_still_ignores_unknown_backends():
     assert "CPU_ATTN" in src
 
 
-def test_cuda_platform_rejects_madakv_clearly_without_a_gpu():
-    """No CUDA implementation yet: selecting it must fail at startup with a clear message."""
+def test_cuda_platform_rejects_madakv_clearly_unless_opted_in(monkeypatch):
+    """The CUDA path is unverified: without the opt-in, selecting it fails at startup, clearly."""
+    monkeypatch.delenv("MADAKV_EXPERIMENTAL_CUDA", raising=False)
     from types import SimpleNamespace
 
     try:
@@ -99,5 +111,5 @@ def test_cuda_platform_rejects_madakv_clearly_without_a_gpu():
 
     madakv_vllm.register()
     cfg = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum["MADAKV"]))
-    with pytest.raises(ValueError, match="CPU platform only"):
+    with pytest.raises(ValueError, match="MADAKV_EXPERIMENTAL_CUDA"):
         CudaPlatformBase.check_and_update_config(cfg)

@@ -26,4 +26,14 @@ VLLM_TOUCHPOINTS = [
     ("vllm._custom_ops", "cpu_attn_reshape_and_cache", "called on a per-head view of the cache"),
     ("vllm._custom_ops", "cpu_attention_with_kv_cache", "called with one sequence per (request, KV head)"),
     ("vllm._custom_ops", "cpu_attn_get_scheduler_metadata", "called per layer"),
+    ("vllm.v1.attention.backend", "AttentionCGSupport.NEVER", "CUDA builder: no CUDA graphs"),
+    ("vllm.v1.kv_cache_interface", "KVCacheLayout.LBHNC", "CUDA backend: head-major pages"),
+    ("vllm.v1.attention.backends.fa_utils", "get_flash_attn_version", "CUDA impl"),
+]
+
+# Checked only where vLLM's CUDA build is installed (the module needs the CUDA extensions).
+VLLM_CUDA_TOUCHPOINTS = [
+    ("vllm.vllm_flash_attn", "flash_attn_varlen_func", "CUDA impl: paged varlen attention per (request, KV head)"),
+    ("vllm.platforms.cuda", "CudaPlatformBase.get_attn_backend_cls", "wrapped: route MADAKV to our backend"),
+    ("vllm.platforms.cuda", "CudaPlatformBase.check_and_update_config", "wrapped: validate our config"),
 ]

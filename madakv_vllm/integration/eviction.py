@@ -186,7 +186,7 @@ class EvictionState:
             keys = self.read_stock(layer, ev.block_ids, n)[0]  # [H, n, D]
             wq = min(cfg.window, n)
             kept = policy.select_layer(pstate, layer=layer, query=queries[:, -wq:].float(), key=keys.float())
-            ev.kept.append([k.to(torch.long) for k in kept])
+            ev.kept.append([k.to("cpu", torch.long) for k in kept])
         else:
             kept = []
             for h in range(self.H):
@@ -196,7 +196,7 @@ class EvictionState:
                 q = queries[h * self.G : (h + 1) * self.G, -wq:]
                 psi = window_scores(q.float(), keys.unsqueeze(0).float(), cfg.kernel_size, cfg.pooling)[0]
                 keep = int(rs.base_counts[layer, h])
-                kept.append(recompress_head(psi, rs.ent_mod[layer, h, :n].long(), keep, cfg.window, cfg.mpa).to(torch.long))
+                kept.append(recompress_head(psi, rs.ent_mod[layer, h, :n].long(), keep, cfg.window, cfg.mpa).to("cpu", torch.long))
             ev.kept.append(kept)
 
     # --- compaction (after the last layer) ---------------------------------------

@@ -47,7 +47,10 @@ class FlatKVCache:
         )
         self.key, self.value = self.flat.chunk(2, dim=2)
         self.rows = self.flat.view(self.num_subblocks, 2 * bs * self.head_size)
-        self.k_transposed = probe_key_layout(isa, bs, self.head_size, c0.dtype, kv_cache_dtype)
+        self.k_transposed = self._key_layout(c0.dtype)
+
+    def _key_layout(self, dtype) -> bool:
+        return probe_key_layout(self.isa, self.block_size, self.head_size, dtype, self.kv_cache_dtype)
 
     def subblock(self, layer: int, page: torch.Tensor | int, head: torch.Tensor | int):
         """Flat sub-block id of (layer, page, head)."""
@@ -113,3 +116,31 @@ def probe_key_layout(isa: str, bs: int, d: int, dtype: torch.dtype, kv_cache_dty
         f"madakv: unknown KV block layout for CPU attention ISA {isa!r} (dtype {dtype}); "
         "compaction cannot read entries back. Please report this with your CPU model."
     )
+
+
+class TorchFlatKVCache(FlatKVCache):
+    """The same per-head view for devices without vLLM's CPU kernels (CUDA): entries are
+    stored plainly (K rows then V rows of each sub-block) and moved with torch indexing;
+    ``key4``/``value4`` are the ``[S, bs, 1, D]`` paged views FlashAttention reads."""
+
+    def __init__(self, layer_caches: list[torch.Tensor]):
+        super().__init__(layer_caches, isa="torch")
+        self.key4, self.value4 = self.key.transpose(1, 2), self.value.transpose(1, 2)
+        self.entries = self.flat.view(self.num_subblocks * 2 * self.block_size, self.head_size)
+
+    def _key_layout(self, dtype) -> bool:
+        return False
+
+    def _rows(self, slots: torch.Tensor) -> torch.Tensor:
+        slots = slots.to(self.flat.device, torch.long)
+        return slots // self.block_size * (2 * self.block_size) + slots % self.block_size
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, layer=None) -> None:
+        keep = slots.to(self.flat.device) >= 0
+        rows = self._rows(slots)[keep]
+        self.entries[rows] = k[keep].to(self.flat.dtype)
+        self.entries[rows + self.block_size] = v[keep].to(self.flat.dtype)
+
+    def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows(slots)
+        return self.entries[rows], self.entries[rows + self.block_size]

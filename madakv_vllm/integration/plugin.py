@@ -9,6 +9,7 @@ from __future__ import annotations
 import copyreg
 import functools
 import logging
+import os
 
 from madakv_vllm.config import MadaKVConfig, config_from_vllm, request_overrides
 from madakv_vllm.integration import VLLM_MINOR
@@ -17,11 +18,16 @@ logger = logging.getLogger("vllm.madakv")
 
 BACKEND_NAME = "MADAKV"
 CPU_BACKEND_PATH = "madakv_vllm.integration.cpu_backend.MadaKVCPUBackend"
-# No CUDA implementation yet: selecting madakv on a GPU platform fails at startup, clearly.
+CUDA_BACKEND_PATH = "madakv_vllm.integration.cuda_backend.MadaKVCUDABackend"
+# The CUDA backend has not run on a GPU yet: opt in explicitly until it has.
 CUDA_UNSUPPORTED = (
-    "--attention-backend madakv is implemented for vLLM's CPU platform only in this version of "
-    "madakv-vllm; on CUDA use a stock backend (no KV eviction)"
+    "--attention-backend madakv is verified on vLLM's CPU platform only in this version of "
+    "madakv-vllm; its CUDA path is experimental and unverified: set MADAKV_EXPERIMENTAL_CUDA=1 to try it"
 )
+
+
+def _cuda_backend_path() -> str | None:
+    return CUDA_BACKEND_PATH if os.environ.get("MADAKV_EXPERIMENTAL_CUDA") == "1" else None
 
 _registered = False
 
@@ -82,15 +88,16 @@ def selected_in(vllm_config) -> bool:
 def _patch_platforms() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
-    _wrap_platform(CpuPlatform, CPU_BACKEND_PATH)
+    _wrap_platform(CpuPlatform, lambda: CPU_BACKEND_PATH)
     try:  # the CUDA platform module imports cleanly without a GPU
         from vllm.platforms.cuda import CudaPlatformBase
     except Exception:  # pragma: no cover - CPU-only builds may lack it
         return
-    _wrap_platform(CudaPlatformBase, None)
+    _wrap_platform(CudaPlatformBase, _cuda_backend_path)
 
 
-def _wrap_platform(platform_cls, backend_path: str | None) -> None:
+def _wrap_platform(platform_cls, backend_path) -> None:
+    """backend_path(): our backend's class path on this platform, or None if unavailable."""
     if getattr(platform_cls, "_madakv_patched", False):
         return
     orig_select = platform_cls.get_attn_backend_cls.__func__
@@ -99,16 +106,17 @@ def _wrap_platform(platform_cls, backend_path: str | None) -> None:
     @functools.wraps(orig_select)
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
         if is_madakv(selected_backend):
-            if backend_path is None:
+            path = backend_path()
+            if path is None:
                 raise ValueError(CUDA_UNSUPPORTED)
             if attn_selector_config.use_mla or attn_selector_config.use_sparse:
                 raise ValueError("--attention-backend madakv supports standard (non-MLA, dense) attention only")
-            return backend_path
+            return path
         return orig_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
 
     @functools.wraps(orig_check)
     def check_and_update_config(cls, vllm_config) -> None:
-        if backend_path is None and selected_in(vllm_config):
+        if backend_path() is None and selected_in(vllm_config):
             raise ValueError(CUDA_UNSUPPORTED)
         orig_check(cls, vllm_config)
         if selected_in(vllm_config):
@@ -134,6 +142,12 @@ def configure_engine(vllm_config) -> MadaKVConfig:
         # Pages freed at step t+1 must already be compacted by step t's forward.
         logger.info("madakv: async scheduling turned off (eviction needs step-ordered frees)")
         sched.async_scheduling = False
+    from vllm.config import CUDAGraphMode
+
+    comp = vllm_config.compilation_config
+    if comp.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+        logger.info("madakv: CUDA graphs turned off (per-head tables and lengths change every step)")
+        comp.cudagraph_mode = CUDAGraphMode.NONE
     spec = vllm_config.speculative_config
     if spec is not None:
         raise ValueError("--attention-backend madakv does not support speculative decoding yet")

@@ -1,0 +1,178 @@
+"""The MADAKV attention backend on vLLM's CUDA platform (EXPERIMENTAL: not yet run on a GPU).
+
+Same design as the CPU backend (per_head.py, eviction.py): the KV buffer is laid
+out LBHNC so each page is one sub-block per KV head, entries are moved with torch
+indexing (TorchFlatKVCache), and attention is vLLM's FlashAttention varlen kernel
+with one sequence per (request, KV head): ``num_kv_heads = 1``, the head's query
+group as its heads, its own ``seqused_k`` and block table. CUDA graphs and async
+scheduling are turned off for this backend (plugin.configure_engine).
+
+Selected only with MADAKV_EXPERIMENTAL_CUDA=1 until a GPU run has verified it
+(tests/test_cuda.py); importing this module needs no GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from madakv_vllm.integration import per_head
+from madakv_vllm.integration.cpu_backend import layer_caches
+from madakv_vllm.integration.eviction import EvictionState
+from madakv_vllm.integration.paged import TorchFlatKVCache
+from madakv_vllm.integration.plugin import server_config
+
+per_head.install_runner_hook()
+
+
+class MadaKVCUDABackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+    forward_includes_kv_cache_update: bool = True
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        return (KVCacheLayout.LBHNC,)  # head-major pages: one sub-block per KV head
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_name() -> str:
+        return "MADAKV"
+
+    @staticmethod
+    def get_impl_cls():
+        return MadaKVCUDAImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return MadaKVCUDAMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        return per_head.customize_spec(spec)
+
+
+@dataclass
+class MadaKVCUDAMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    batch: per_head.PerHeadBatch
+    flat_slots: list  # device copies of batch's per-layer tensors
+    ps_query_start_loc: torch.Tensor
+    ps_seq_lens: list
+    ps_block_tables: list
+    max_seq_lens: list  # per layer, python ints
+
+
+class MadaKVCUDAMetadataBuilder(AttentionMetadataBuilder[MadaKVCUDAMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
+
+        num_heads = get_num_attention_heads_from_layers(vllm_config, layer_names) or (
+            vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        )
+        self.device = device
+        self.block_size = kv_cache_spec.block_size
+        self._layers = sorted(layer_names, key=extract_layer_index)
+        self.state = EvictionState(
+            server_config(vllm_config), self._layers, kv_cache_spec.num_kv_heads, num_heads,
+            kv_cache_spec.head_size, self.block_size,
+        )
+        per_head.STATES.add(self.state)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
+        st = self.state
+        if st.cache is None:
+            st.cache = TorchFlatKVCache(layer_caches(self.vllm_config, self._layers))
+        batch = per_head.build_batch(st, common_attn_metadata, self.block_size)
+        dev = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return MadaKVCUDAMetadata(
+            num_actual_tokens=batch.num_tokens,
+            max_query_len=common_attn_metadata.max_query_len,
+            batch=batch,
+            flat_slots=[dev(s) for s in batch.flat_slots],
+            ps_query_start_loc=dev(batch.ps_query_start_loc),
+            ps_seq_lens=[dev(s) for s in batch.ps_seq_lens],
+            ps_block_tables=[dev(t) for t in batch.ps_block_tables],
+            max_seq_lens=[int(s.max()) if s.numel() else 0 for s in batch.ps_seq_lens],
+        )
+
+
+class MadaKVCUDAImpl(AttentionImpl):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None, **kwargs) -> None:
+        if attn_type != AttentionType.DECODER:
+            raise ValueError("--attention-backend madakv supports decoder attention only")
+        if sliding_window is not None or alibi_slopes is not None or sinks is not None or logits_soft_cap:
+            raise ValueError("--attention-backend madakv supports plain causal attention layers only")
+        if kv_sharing_target_layer_name is not None:
+            raise ValueError("--attention-backend madakv does not support cross-layer KV sharing")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        per_head.set_config_json(server_config(get_current_vllm_config()).model_dump_json())
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+        self.fa_version = get_flash_attn_version(head_size=head_size)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None, **kwargs):
+        if attn_metadata is None:
+            return output
+        if output_scale is not None or output_block_scale is not None:
+            raise ValueError("--attention-backend madakv does not support fused output quantization")
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        md = attn_metadata
+        batch = md.batch
+        c = batch.state.cache
+        l = batch.state.layer_index[layer.layer_name]
+        T, H = md.num_actual_tokens, self.num_kv_heads
+        if key is not None:
+            c.write(per_head.to_heads(key[:T], H)[:, 0], per_head.to_heads(value[:T], H)[:, 0], md.flat_slots[l])
+        q = per_head.to_heads(query[:T], H)
+        out = torch.empty_like(q)
+        flash_attn_varlen_func(
+            q=q,
+            k=c.key4,
+            v=c.value4,
+            max_seqlen_q=md.max_query_len,
+            cu_seqlens_q=md.ps_query_start_loc,
+            max_seqlen_k=md.max_seq_lens[l],
+            seqused_k=md.ps_seq_lens[l],
+            softmax_scale=self.scale,
+            causal=True,
+            block_table=md.ps_block_tables[l],
+            out=out,
+            fa_version=self.fa_version,
+        )
+        per_head.from_heads(out, output[:T], H)
+        per_head.after_attention(batch, l, layer, query[:T], key[:T] if key is not None else None,
+                                 value[:T] if value is not None else None, output[:T], self.scale)
+        return output
