@@ -1,0 +1,153 @@
+"""Decode latency, prefill overhead and KV bytes per request: stock vLLM (CPU_ATTN) vs madakv.
+
+    python scripts/bench_decode.py [--layers 4] [--lengths 4096,16384] [--budgets full,0.5,0.2,0.1,0.05]
+                                   [--decode 64] [--repeats 3] [--out models/bench_decode.json]
+
+Model: Qwen2-VL-2B's attention geometry (12 query heads, 2 KV heads, head dim 128, hidden 1536,
+MLP 8960) with few layers and random weights (madakv_vllm.tiny_models), bf16 as vLLM runs it on
+CPU. Both engines live in one process and are measured interleaved, one request at a time: for
+each prompt length and budget, prefill time (wall time of the steps until the first token), decode
+ms/token (median step time after the prompt's compression), and the KV bytes the request holds
+(its non-null blocks x page bytes). Beside each decode ratio: the physical bound
+(weight bytes + KV bytes) / (weight bytes + budget x KV bytes) that a memory-bound decoder reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def prompt_of(n_tokens: int, tok, images: int):
+    from conftest import mm_prompt, words
+
+    per_image = 64
+    text_tokens = max(16, n_tokens - images * per_image)
+    body = words(text_tokens)
+    ids = tok(body).input_ids[:text_tokens]
+    body = tok.decode(ids)
+    parts = []
+    chunk = len(body) // (images + 1)
+    for i in range(images):
+        parts += [body[i * chunk : (i + 1) * chunk], i]
+    parts.append(body[images * chunk :])
+    return mm_prompt("qwen2vl", parts)
+
+
+def run_one(llm, prompt, params):
+    """Returns (prefill_s, decode step times, held blocks after compression, computed tokens)."""
+    eng = llm.llm_engine
+    core = eng.engine_core.engine_core
+    mgr = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    eng.add_request("bench", prompt, params)
+    t0 = time.perf_counter()
+    first = None
+    steps = []
+    held = None
+    while eng.has_unfinished_requests():
+        ts = time.perf_counter()
+        outs = eng.step()
+        te = time.perf_counter()
+        if first is None:
+            for o in outs:
+                if o.outputs and len(o.outputs[0].token_ids) >= 1:
+                    first = te - t0
+        else:
+            steps.append(te - ts)
+            if held is None:
+                rid = next(iter(mgr.req_to_blocks), None)
+                if rid is not None:
+                    held = sum(not b.is_null for b in mgr.req_to_blocks[rid])
+    return first, steps, held
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--lengths", default="4096,16384")
+    ap.add_argument("--budgets", default="full,0.5,0.2,0.1,0.05")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--decode", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--policy", default="madakv")
+    ap.add_argument("--out", default=str(ROOT / "models" / "bench_decode.json"))
+    args = ap.parse_args(argv)
+
+    from vllm import LLM, SamplingParams
+
+    from madakv_vllm.tiny_models import build_model
+
+    model = ROOT / "models" / f"bench-qwen2vl-2b-l{args.layers}"
+    if not (model / "config.json").exists():
+        build_model("qwen2vl", model, layers=args.layers, heads=12, kv_heads=2, head_dim=128, hidden=1536,
+                    intermediate=8960, max_pos=40000, min_image_tokens=64, max_image_tokens=64)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    common = dict(model=str(model), enforce_eager=True, max_model_len=max(lengths) + args.decode + 64,
+                  block_size=32, seed=0, max_num_batched_tokens=4096, limit_mm_per_prompt={"image": args.images})
+    stock = LLM(**common)
+    ours = LLM(**common, attention_backend="madakv", additional_config={"madakv": {"policy": "full"}})
+    tok = stock.get_tokenizer()
+    cfg = stock.llm_engine.vllm_config.model_config.hf_config
+    text = getattr(cfg, "text_config", cfg)
+    weight_bytes = sum(p.numel() * p.element_size() for p in
+                       stock.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model.parameters())
+    page_bytes = 32 * text.num_key_value_heads * 128 * 2 * 2 * args.layers  # bs * H * D * (K,V) * bf16 * layers
+
+    warm = prompt_of(min(lengths), tok, args.images)
+    for llm in (stock, ours):  # first runs pay one-off costs (allocation, JIT warm-up)
+        run_one(llm, warm, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    rows = []
+    for n in lengths:
+        prompt = prompt_of(n, tok, args.images)
+        for budget in args.budgets.split(","):
+            meas = {"stock": [], "madakv": []}
+            for _ in range(args.repeats):  # interleaved
+                for name, llm in (("stock", stock), ("madakv", ours)):
+                    extra = None
+                    if name == "madakv" and budget != "full":
+                        extra = {"madakv_policy": args.policy, "madakv_budget": float(budget)}
+                    sp = SamplingParams(max_tokens=args.decode, temperature=0, ignore_eos=True, extra_args=extra)
+                    meas[name].append(run_one(llm, prompt, sp))
+            pre = {k: statistics.median(m[0] for m in v) for k, v in meas.items()}
+            dec = {k: statistics.median(statistics.median(m[1][2:]) for m in v) for k, v in meas.items()}
+            held = {k: v[0][2] for k, v in meas.items()}
+            kv_stock = held["stock"] * page_bytes
+            frac = 1.0 if budget == "full" else float(budget)
+            row = {
+                "prompt_tokens": n, "budget": budget,
+                "prefill_ms": {k: round(v * 1e3, 1) for k, v in pre.items()},
+                "prefill_ratio": round(pre["madakv"] / pre["stock"], 3),
+                "decode_ms_per_token": {k: round(v * 1e3, 2) for k, v in dec.items()},
+                "decode_speedup": round(dec["stock"] / dec["madakv"], 3),
+                "kv_bytes": {k: v * page_bytes for k, v in held.items()},
+                "kv_ratio": round(held["madakv"] / held["stock"], 3),
+                "physical_bound_speedup": round((weight_bytes + kv_stock) / (weight_bytes + frac * kv_stock), 3),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"args": vars(args), "weight_bytes": weight_bytes, "page_bytes": page_bytes, "rows": rows,
+              "machine": os.uname().machine, "cpus": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("\n| prompt | budget | prefill madakv/stock | decode ms/tok stock | madakv | speedup | bound | KV ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        d = r["decode_ms_per_token"]
+        print(f"| {r['prompt_tokens']} | {r['budget']} | {r['prefill_ratio']} | {d['stock']} | {d['madakv']} | "
+              f"{r['decode_speedup']} | {r['physical_bound_speedup']} | {r['kv_ratio']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
