@@ -60,7 +60,9 @@ def serve(model: Path, port: int, *args: str, env: dict | None = None, log: Path
     """Run ``vllm serve`` on 127.0.0.1:port until the block exits."""
     vllm_bin = Path(sys.executable).with_name("vllm")
     cmd = [str(vllm_bin), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
-    full_env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, **(env or {})}
+    full_env = {**os.environ, **(env or {})}
+    if "--kv-cache-memory-bytes" not in args:  # vLLM's CPU platform lets the variable override the flag
+        full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

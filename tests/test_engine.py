@@ -274,3 +274,41 @@ def test_random_requests_aborts_preemption_no_leak(engine):
     assert free_blocks(llm) == free0
     assert manager(llm).requests == {}
     assert preempted, "the test should exercise preemption"
+    print(f"steps={steps} preempted={len(preempted)}")
+
+
+def test_window_queries_are_the_last_prompt_queries(engine, monkeypatch):
+    """At selection, each layer scores with the queries of the last W prompt tokens, including
+    when the final prefill chunk is shorter than W (chunked prefill) or the prompt is one chunk."""
+    from madakv_vllm.integration import per_head
+    from madakv_vllm.integration.eviction import EvictionState
+
+    llm = engine("qwen2vl", FULL)
+    seen = {}
+    orig_after, orig_select = per_head.after_attention, EvictionState.select_layer
+
+    def after(batch, layer_idx, layer, query, *rest):
+        seen["query"], seen["batch"] = query, batch
+        return orig_after(batch, layer_idx, layer, query, *rest)
+
+    checks = []
+
+    def select(self, ev, layer, layer_obj=None):
+        q = ev.req.queries[layer]
+        row = [r for r in seen["batch"].query_rows if r[0] == ev.row][0]
+        last = seen["query"][row[3] - 1]
+        assert q is not None and q.shape[1] == min(ev.req.cfg.window, ev.length)
+        assert torch.equal(q[:, -1], last)
+        checks.append((ev.length, row[3] - row[2]))
+        return orig_select(self, ev, layer, layer_obj)
+
+    monkeypatch.setattr(per_head, "after_attention", after)
+    monkeypatch.setattr(EvictionState, "select_layer", select)
+    tok = llm.get_tokenizer()
+    # 512-token chunks: the first prompt ends with a chunk shorter than the window
+    n_words = next(n for n in range(400, 700) if len(tok(mm_prompt("qwen2vl", [words(n)])["prompt"]).input_ids) % 512 in range(3, 20))
+    prompts = [mm_prompt("qwen2vl", [words(n_words)]), mm_prompt("qwen2vl", [words(200, 1)])]
+    for p in prompts:  # one at a time, so chunking is exactly 512-token steps
+        llm.generate([p], greedy(3, madakv_policy="snapkv", madakv_budget=0.3), use_tqdm=False)
+    chunk_lens = {q for _, q in checks}
+    assert checks and min(chunk_lens) < 32 < max(chunk_lens)

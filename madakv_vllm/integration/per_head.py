@@ -95,16 +95,15 @@ def build_batch(state: EvictionState, cm, block_size: int) -> PerHeadBatch:
     req_ids = list(runner.input_batch.req_ids[:R]) if runner is not None else []
     real = len(req_ids) == R and all(r in runner.requests for r in req_ids)
 
-    # Stock layout for every row: head h of page p is sub-block p*H + h.
-    heads = torch.arange(H)
+    # Stock layout for every row: head h of page p is sub-block p*H + h. Tensors are [L, H, ...]
+    # so a compressed request is written with one assignment, whatever the number of layers.
+    layers = torch.tensor([c.layer_slot[l] for l in range(L)]).view(L, 1, 1)
+    heads = torch.arange(H).view(1, H, 1)
     page, off = slot_mapping // bs, slot_mapping % bs
-    valid = slot_mapping >= 0
-    flat_slots, tables, lens = [], [], []
-    for l in range(L):
-        s = c.subblock(l, page.unsqueeze(0), heads.unsqueeze(1)) * bs + off.unsqueeze(0)  # [H, T]
-        flat_slots.append(torch.where(valid.unsqueeze(0), s, torch.full_like(s, -1)))
-        tables.append(c.subblock(l, block_table.unsqueeze(0), heads.view(H, 1, 1)))  # [H, R, maxb]
-        lens.append(seq_lens.unsqueeze(0).expand(H, R).clone())
+    flat_slots = ((layers * c.num_blocks + page.view(1, 1, T)) * H + heads) * bs + off.view(1, 1, T)
+    flat_slots = torch.where((slot_mapping >= 0).view(1, 1, T), flat_slots, torch.full_like(flat_slots, -1))
+    tables = (layers.unsqueeze(-1) * c.num_blocks + block_table.view(1, 1, R, -1)) * H + heads.unsqueeze(-1)
+    lens = seq_lens.view(1, 1, R).expand(L, H, R).clone()
 
     query_rows, events, compressed_rows = [], [], []
     if real:
@@ -124,19 +123,16 @@ def build_batch(state: EvictionState, cm, block_size: int) -> PerHeadBatch:
 
     # Compressed requests: their own per-(layer, head) tables and lengths.
     if compressed_rows:
-        width = max([tables[0].shape[2]] + [int(rs.nsub.max()) + 1 for _, rs, _ in compressed_rows])
-        tables = [torch.nn.functional.pad(t, (0, width - t.shape[2])) for t in tables]
+        width = max([tables.shape[3]] + [int(rs.nsub.max()) + 1 for _, rs, _ in compressed_rows])
+        tables = torch.nn.functional.pad(tables, (0, width - tables.shape[3]))
         for i, rs, block_ids in compressed_rows:
             # Usually one decode token; a resumed request may replay several (causal, appended in order).
             t0, t1 = int(qsl[i]), int(qsl[i + 1])
             for t in range(t0, t1):
-                slots = state.append_slots(rs, block_ids, int(seq_lens[i]) - (t1 - t))  # [L, H]
-                for l in range(L):
-                    flat_slots[l][:, t] = slots[l]
+                flat_slots[:, :, t] = state.append_slots(rs, block_ids, int(seq_lens[i]) - (t1 - t))
             n = int(rs.nsub.max())
-            for l in range(L):
-                tables[l][:, i, :n] = rs.sub[l, :, :n]
-                lens[l][:, i] = rs.lens[l]
+            tables[:, :, i, :n] = rs.sub[:, :, :n]
+            lens[:, :, i] = rs.lens
             ev = state.plan_row(i, rs, int(seq_lens[i]), block_ids)
             if ev is not None:
                 events.append(ev)
@@ -146,10 +142,10 @@ def build_batch(state: EvictionState, cm, block_size: int) -> PerHeadBatch:
         num_tokens=T,
         query_start_loc=qsl,
         seq_lens=seq_lens,
-        flat_slots=[s.reshape(-1) for s in flat_slots],
+        flat_slots=list(flat_slots.reshape(L, H * T)),
         ps_query_start_loc=torch.cat([qsl[:-1] + h * T for h in range(H)] + [torch.tensor([H * T])]).to(torch.int32),
-        ps_seq_lens=[x.reshape(-1).to(torch.int32) for x in lens],
-        ps_block_tables=[t.reshape(H * R, -1).to(torch.int32) for t in tables],
+        ps_seq_lens=list(lens.reshape(L, H * R).to(torch.int32)),
+        ps_block_tables=list(tables.reshape(L, H * R, -1).to(torch.int32)),
         has_compressed=bool(compressed_rows),
         query_rows=query_rows,
         events=events,

@@ -51,22 +51,22 @@ class Shadow:
             compressed = rs is not None and rs.compressed and n_q == 1 and rs.lens is not None
             Hq = query.shape[1]
             G = Hq // H
+            qpos = torch.arange(first, length)  # logical positions of this step's queries
             for h in range(H):
                 if compressed:
                     pos = rs.ent_pos[layer, h, : int(rs.lens[layer, h])].long()
                 else:
                     pos = torch.arange(length)
-                for j in range(n_q):
-                    p = first + j
-                    sel = pos[pos <= p]
-                    kk, vv = k_sh[h, sel], v_sh[h, sel]
-                    q = query[start + j, h * G : (h + 1) * G].float()
-                    ref = torch.softmax(q @ kk.T * scale, dim=-1) @ vv
-                    got = output[start + j, h * G : (h + 1) * G].float()
-                    self.max_err = max(self.max_err, float((ref - got).abs().max()))
-                    self.checked += G
-                    if compressed:
-                        self.compressed_checked += G
+                kk, vv = k_sh[h, pos], v_sh[h, pos]  # [n, D]
+                q = query[start:end, h * G : (h + 1) * G].float()  # [n_q, G, D]
+                scores = torch.einsum("qgd,nd->qgn", q, kk) * scale
+                scores = scores.masked_fill((pos.view(1, 1, -1) > qpos.view(-1, 1, 1)), float("-inf"))
+                ref = torch.einsum("qgn,nd->qgd", torch.softmax(scores, dim=-1), vv)
+                got = output[start:end, h * G : (h + 1) * G].float()
+                self.max_err = max(self.max_err, float((ref - got).abs().max()))
+                self.checked += n_q * G
+                if compressed:
+                    self.compressed_checked += n_q * G
 
 
 SHADOW = Shadow()
