@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                     intermediate=8960, max_pos=40000, min_image_tokens=64, max_image_tokens=64)
     lengths = [int(x) for x in args.lengths.split(",")]
     common = dict(model=str(model), enforce_eager=True, max_model_len=max(lengths) + args.decode + 64,
-                  block_size=32, seed=0, max_num_batched_tokens=4096, limit_mm_per_prompt={"image": args.images})
+                  block_size=32, seed=0, max_num_batched_tokens=4096, limit_mm_per_prompt={"image": args.images},
+                  enable_prefix_caching=False)  # a repeated prompt must not hit the prefix cache
     stock = LLM(**common)
     ours = LLM(**common, attention_backend="madakv", additional_config={"madakv": {"policy": "full"}})
     tok = stock.get_tokenizer()
