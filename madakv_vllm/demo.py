@@ -61,7 +61,9 @@ def serve(model: Path, port: int, *args: str, env: dict | None = None, log: Path
     vllm_bin = Path(sys.executable).with_name("vllm")
     cmd = [str(vllm_bin), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     full_env = {**os.environ, **(env or {})}
-    if "--kv-cache-memory-bytes" not in args:  # vLLM's CPU platform lets the variable override the flag
+    if "--kv-cache-memory-bytes" in args:  # vLLM's CPU platform lets the variable override the flag
+        full_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
                "--max-model-len", "8192", "--block-size", "32", log=log):
         resp = chat_with_image(port, str(model), n_images=2, max_tokens=24)
         m = metrics(port)
+    print("vllm:kv_cache_usage_perc:", m.get("vllm:kv_cache_usage_perc"),
+          "vllm:num_requests_running:", m.get("vllm:num_requests_running"))
     print("answer:", repr(resp.choices[0].message.content))
     print("usage:", resp.usage.model_dump())
     print("prompt tokens (2 images + text):", resp.usage.prompt_tokens)

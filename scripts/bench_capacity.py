@@ -38,13 +38,9 @@ import itertools
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +50,7 @@ except ImportError:  # not installed: use the checkout
     sys.path.append(str(ROOT))
 
 from madakv_vllm.accounting import cdiv  # noqa: E402
-from madakv_vllm.demo import free_port, metrics  # noqa: E402
+from madakv_vllm.demo import free_port, metrics, serve  # noqa: E402
 
 MODEL_DIR = ROOT / "models" / "bench-qwen2vl"
 GEOMETRY = {"max_image_tokens": 256}  # otherwise the tiny default: 2 layers, 4 q / 2 KV heads, head_dim 32, bf16
@@ -138,42 +134,6 @@ def chat_parts(tm: TextMaker, k: int, prompt_tokens: int, n_images: int) -> list
 
 
 # --- Part 1: capacity through vllm serve -------------------------------------------------
-
-
-@contextmanager
-def serve(model: Path, port: int, *args: str, log: Path, timeout: float = 400):
-    """``vllm serve`` on 127.0.0.1:port, as madakv_vllm.demo.serve, but WITHOUT VLLM_CPU_KVCACHE_SPACE in the
-    environment: vLLM's CPU platform lets that legacy variable override --kv-cache-memory-bytes (and demo.serve
-    sets it to 1 GiB by default; an empty value crashes the worker)."""
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", "127.0.0.1", "--port",
-           str(port), *args]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"vllm serve exited with {proc.returncode}\n{log.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.time() > deadline:
-                    raise TimeoutError(f"vllm serve not ready after {timeout}s")
-                time.sleep(1)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 def _time_avg(samples: list[tuple[float, float]], t_from: float, t_to: float) -> float:
@@ -300,7 +260,7 @@ def run_capacity(name: str, model: Path, args, kv_bytes: int, tm: TextMaker, url
         extra = ["--attention-backend", "madakv", "--additional-config", json.dumps(cfg)]
     print(f"[{name}] starting vllm serve on 127.0.0.1:{port} (log {log.relative_to(ROOT)})", flush=True)
     t = time.monotonic()
-    with serve(model, port, *common, *extra, log=log):
+    with serve(model, port, *common, *extra, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, log=log, timeout=400):
         started = time.monotonic() - t
         print(f"[{name}] ready after {started:.0f}s; {args.clients} clients for {args.warmup}+{args.duration}s",
               flush=True)

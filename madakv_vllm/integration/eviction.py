@@ -171,7 +171,7 @@ class EvictionState:
     # --- selection (after each layer's attention) ---------------------------------
 
     def select_layer(self, ev: Event, layer: int, layer_obj=None) -> None:
-        rs, c = ev.req, self.cache
+        rs = ev.req
         from madakv_vllm.policies import make_policy, recompress_head, window_scores
 
         cfg = rs.cfg
