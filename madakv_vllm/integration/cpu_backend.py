@@ -84,7 +84,9 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         per_head.STATES.add(self.state)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
-        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cm = common_attn_metadata
+        if not isinstance(cm.causal, bool):
+            raise ValueError("--attention-backend madakv supports causal decoder attention only")
         st = self.state
         if st.cache is None:
             st.cache = FlatKVCache(layer_caches(self.vllm_config, self._layers), self.isa, self.kv_cache_dtype)
@@ -104,7 +106,7 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                     seq_lens=batch.ps_seq_lens[l],
                     dtype=self.dtype,
                     query_start_loc=batch.ps_query_start_loc,
-                    causal=base.causal,
+                    causal=cm.causal,
                     sliding_window_size=-1,
                     isa=self.isa,
                     enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
@@ -112,8 +114,13 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                     kv_cache_dtype=self.kv_cache_dtype,
                 )
             )
-        fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
-        return MadaKVMetadata(**fields, batch=batch, ps_scheduler_metadata=sched)
+        # The stock fields describe the batch per request; the kernels read only `batch`.
+        return MadaKVMetadata(
+            num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
+            query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=cm.seq_lens,
+            block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping, scheduler_metadata=None,
+            causal=cm.causal, batch=batch, ps_scheduler_metadata=sched,
+        )
 
 
 class MadaKVCPUImpl(CPUAttentionBackendImpl):
