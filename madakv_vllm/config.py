@@ -43,8 +43,10 @@ class MadaKVConfig(BaseModel):
     hcc_max_scale: float = Field(
         2.0, ge=1.0, description="HCC: a layer keeps at most this multiple of its fair share phi (inf: uncapped)"
     )
+    # Default 32: a long generation stays within budget + 32 tokens per head (bounded memory by
+    # default); with 0 every generated token is kept, which cost ~10% capacity in bench_capacity.
     recompress_interval: int = Field(
-        0, ge=0, description="re-compress every N generated tokens (0 = only once, after the prompt)"
+        32, ge=0, description="re-compress every N generated tokens (0 = only once, after the prompt)"
     )
     min_prompt_len: int = Field(0, ge=0, description="prompts shorter than this are never compressed")
     pyramid_beta: float = Field(20.0, gt=0.0, description="PyramidKV: top/bottom layer budget ratio parameter")

@@ -18,9 +18,9 @@ whether ``held <= 1.15 * budget * stock + 1`` (one partly filled page, one KV ca
     python scripts/bench_capacity.py                 # both parts, ~6 min on 2 cores
     python scripts/bench_capacity.py --quick         # ~2.5 min
     python scripts/bench_capacity.py --memory-only   # Part 2 only
-    python scripts/bench_capacity.py --capacity-only --stock-fit 10 --recompress-interval 32
+    python scripts/bench_capacity.py --capacity-only --stock-fit 10 --recompress-interval 0
 
-Without re-compression (``recompress_interval`` 0, the default) generated tokens are kept for every
+Without re-compression (``recompress_interval`` 0; the default is 32) generated tokens are kept for every
 (layer, KV head), so with long outputs a MadaKV request holds ~budget x prompt + its output; and a
 request being prefilled holds its whole prompt until compression. Both bound the capacity ratio.
 
@@ -376,7 +376,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--budget", type=float, default=0.2, help="MadaKV budget of the capacity run")
     p.add_argument("--policy", default="madakv")
-    p.add_argument("--recompress-interval", type=int, default=0, help="server-wide recompress_interval (0: off)")
+    p.add_argument("--recompress-interval", type=int, default=32,
+                   help="server-wide recompress_interval (the config default, 32; 0: off)")
     p.add_argument("--prompt-tokens", type=int, default=3600, help="target prompt length of a capacity request")
     p.add_argument("--images", type=int, default=6, help="images per capacity request (256 tokens each)")
     p.add_argument("--max-tokens", type=int, default=256)

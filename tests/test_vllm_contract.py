@@ -113,3 +113,21 @@ def test_cuda_platform_rejects_madakv_clearly_unless_opted_in(monkeypatch):
     cfg = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum["MADAKV"]))
     with pytest.raises(ValueError, match="MADAKV_EXPERIMENTAL_CUDA"):
         CudaPlatformBase.check_and_update_config(cfg)
+
+
+def test_default_block_size_is_small_for_madakv_only(model_dir):
+    """The CPU platform defaults to 128-token pages; madakv lowers the default to 32 (pages are
+    the unit of eviction) but keeps an explicit --block-size, and leaves stock engines alone."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from madakv_vllm.integration.plugin import DEFAULT_BLOCK_SIZE
+
+    model = str(model_dir("llama"))
+
+    def block_size(**kw):
+        return EngineArgs(model=model, enforce_eager=True, **kw).create_engine_config().cache_config.block_size
+
+    stock = block_size()
+    assert stock == 128  # the CPU platform's default this test was written against
+    assert block_size(attention_backend="madakv") == DEFAULT_BLOCK_SIZE
+    assert block_size(attention_backend="madakv", block_size=64) == 64

@@ -127,6 +127,9 @@ def _wrap_platform(platform_cls, backend_path) -> None:
     platform_cls._madakv_patched = True
 
 
+DEFAULT_BLOCK_SIZE = 32
+
+
 def configure_engine(vllm_config) -> MadaKVConfig:
     """Startup checks when MADAKV is selected: fail early, naming the field."""
     cfg = config_from_vllm(vllm_config.additional_config)
@@ -137,6 +140,13 @@ def configure_engine(vllm_config) -> MadaKVConfig:
         # Compacted pages hold a different token set than their hash says.
         logger.info("madakv: prefix caching turned off (compacted KV blocks cannot be shared)")
         cache.enable_prefix_caching = False
+    if not getattr(cache, "user_specified_block_size", True) and (cache.block_size or 0) > DEFAULT_BLOCK_SIZE:
+        # Pages are the unit in which eviction returns memory, and a compressed request keeps up to
+        # two partly used pages per layer (accounting.py): the CPU platform's default of 128 tokens
+        # would cost up to 256 tokens per head on top of the budget. 32 keeps the CPU kernels' fast
+        # path (block sizes that are multiples of 32); --block-size overrides.
+        logger.info("madakv: block_size %s -> %s (pages are the unit of eviction)", cache.block_size, DEFAULT_BLOCK_SIZE)
+        cache.block_size = DEFAULT_BLOCK_SIZE
     sched = vllm_config.scheduler_config
     if getattr(sched, "async_scheduling", False):
         # Pages freed at step t+1 must already be compacted by step t's forward.

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Plots of docs/results.md (matplotlib PNG) from the benchmark JSONs.
+
+    python scripts/make_plots.py [--data docs/data] [--out docs/plots]
+
+Reads whichever of these exist in ``--data`` (copies of the files the benchmarks write to
+models/, committed so the plots can be redrawn):
+
+* ``proxy-eval.json``   (scripts/eval_proxy.py)    -> accuracy_vs_budget.png
+* ``bench_decode.json`` (scripts/bench_decode.py)  -> memory_decode_vs_budget.png
+* ``bench_serve.json``  (scripts/bench_serve.py)   -> capacity_vs_budget.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _budget(b) -> float:
+    return 1.0 if b in (None, "full") else float(b)
+
+
+def _budget_axis(ax, ticks=(0.05, 0.1, 0.2, 0.5, 1.0)) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(list(ticks))
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("KV budget (fraction of prompt)")
+    ax.grid(alpha=0.3)
+
+
+def plot_accuracy(data: dict, out: Path, plt) -> Path:
+    table = data["table"]
+    tasks = sorted({t for row in table.values() for t in row["tasks"]})
+    full = next((r for r in table.values() if r["policy"] == "full"), None)
+    names = sorted({k.rsplit("@", 1)[0] for k, r in table.items() if r["policy"] != "full" or "@" in k} - {"full"})
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.8), sharey=True)
+    panels = [(t, lambda r, t=t: r["tasks"][t]["acc"]) for t in tasks] + [("mean", lambda r: r["mean_acc"])]
+    for ax, (title, get) in zip(axes, panels):
+        for name in names:
+            rows = sorted((_budget(r["budget"]), get(r)) for k, r in table.items()
+                          if k.rsplit("@", 1)[0] == name and r["budget"] is not None)
+            if not rows:
+                continue
+            style = dict(lw=2.4, color="black") if name == "madakv" else dict(lw=1.2, alpha=0.85)
+            ax.plot([b for b, _ in rows], [a for _, a in rows], marker="o", ms=3.5, label=name, **style)
+        if full is not None:
+            ax.axhline(get(full), ls="--", color="grey", lw=1, label="full cache")
+        _budget_axis(ax, (0.05, 0.1, 0.2, 0.5))
+        ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("accuracy")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Proxy VLM accuracy vs budget, through vLLM ({data.get('n_per_task', '?')} samples per task)")
+    fig.tight_layout()
+    path = out / "accuracy_vs_budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decode(data: dict, out: Path, plt) -> Path:
+    rows = data["rows"]
+    lengths = sorted({r["prompt_tokens"] for r in rows})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for n in lengths:
+        rs = sorted((_budget(r["budget"]), r) for r in rows if r["prompt_tokens"] == n)
+        b = [x for x, _ in rs]
+        a1.plot(b, [r["kv_ratio"] for _, r in rs], marker="o", label=f"{n} tokens")
+        line = a2.plot(b, [r["decode_speedup"] for _, r in rs], marker="o", label=f"{n} tokens: measured")[0]
+        a2.plot(b, [r["physical_bound_speedup"] for _, r in rs], ls="--", color=line.get_color(),
+                label=f"{n} tokens: bound")
+    a1.plot([0.05, 1], [0.05, 1], ls=":", color="grey", label="= budget")
+    a1.set_ylabel("KV bytes held / stock")
+    a2.set_ylabel("decode speed-up vs stock (ms/token)")
+    a2.axhline(1.0, color="grey", lw=0.8)
+    for ax in (a1, a2):
+        _budget_axis(ax)
+        ax.legend(fontsize=7)
+    fig.suptitle("Per-request KV memory and decode latency vs budget (madakv / stock vLLM, one run)")
+    fig.tight_layout()
+    path = out / "memory_decode_vs_budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_capacity(data: dict, out: Path, plt) -> Path:
+    rows = [r for r in data["rows"] if r["engine"] != "stock"]
+    rs = sorted((_budget(r["engine"]), r) for r in rows)
+    b = [x for x, _ in rs]
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    ax.plot(b, [r["running_max_ratio"] for _, r in rs], marker="o", label="running requests (max)")
+    ax.plot(b, [r["running_avg_ratio"] for _, r in rs], marker="o", label="running requests (time avg)")
+    ax.plot(b, [r["output_throughput_ratio"] for _, r in rs], marker="s", label="output tokens/s")
+    ax.plot(b, [1 / x for x in b], ls=":", color="grey", label="1 / budget")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    _budget_axis(ax)
+    ax.set_yscale("log")
+    ax.set_ylabel("madakv / stock, same KV pool")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title("Capacity and throughput vs budget (vllm bench serve)")
+    fig.tight_layout()
+    path = out / "capacity_vs_budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT / "docs" / "data")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "plots")
+    args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, fn in (("proxy-eval.json", plot_accuracy), ("bench_decode.json", plot_decode),
+                     ("bench_serve.json", plot_capacity)):
+        src = args.data / name
+        if src.exists():
+            made.append(fn(json.loads(src.read_text()), args.out, plt))
+        else:
+            print(f"skip: {src} not found")
+    for p in made:
+        print("wrote", p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
