@@ -8,7 +8,8 @@ group as its heads, its own ``seqused_k`` and block table. CUDA graphs and async
 scheduling are turned off for this backend (plugin.configure_engine).
 
 Selected only with MADAKV_EXPERIMENTAL_CUDA=1 until a GPU run has verified it
-(tests/test_cuda.py); importing this module needs no GPU.
+(tests/test_cuda.py); importing this module needs no GPU, and on the CPU the tests run this
+class end to end with a plain-torch stand-in for flash_attn_varlen_func.
 """
 
 from __future__ import annotations
