@@ -93,6 +93,7 @@ def test_cuda_backend_logic_runs_on_cpu_with_reference_attention(engine, model_d
 
     from conftest import mm_prompt, words
     from vllm import LLM, SamplingParams
+    from vllm.v1.attention import selector
     from vllm.v1.attention.backends import fa_utils
 
     from madakv_vllm.integration import plugin, verify
@@ -102,15 +103,18 @@ def test_cuda_backend_logic_runs_on_cpu_with_reference_attention(engine, model_d
     monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", fake)
     monkeypatch.setattr(fa_utils, "get_flash_attn_version", lambda **kw: 2)
     monkeypatch.setattr(plugin, "CPU_BACKEND_PATH", plugin.CUDA_BACKEND_PATH)
+    # vLLM caches the backend class per selection; engines of other tests must get the CPU one.
+    selector._cached_get_attn_backend.cache_clear()
 
     batch = [mm_prompt("qwen2vl", [0, words(400), 1]), mm_prompt("qwen2vl", [words(30, 1)]),
              mm_prompt("qwen2vl", [words(200, 2), 2, words(250, 3)])]
     sp = SamplingParams(max_tokens=12, temperature=0, logprobs=2)
     stock = engine("qwen2vl").generate(batch, sp, use_tqdm=False)
-    llm = LLM(model=str(model_dir("qwen2vl")), enforce_eager=True, max_model_len=8192, block_size=32,
-              dtype="float32", seed=0, max_num_batched_tokens=512, limit_mm_per_prompt={"image": 8},
-              attention_backend="madakv", additional_config={"madakv": {"policy": "full"}})
+    llm = None
     try:
+        llm = LLM(model=str(model_dir("qwen2vl")), enforce_eager=True, max_model_len=8192, block_size=32,
+                  dtype="float32", seed=0, max_num_batched_tokens=512, limit_mm_per_prompt={"image": 8},
+                  attention_backend="madakv", additional_config={"madakv": {"policy": "full"}})
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
         backends = {type(g.backend).__name__ if not isinstance(g.backend, type) else g.backend.__name__
                     for groups in runner.attn_groups for g in groups}
@@ -136,3 +140,4 @@ def test_cuda_backend_logic_runs_on_cpu_with_reference_attention(engine, model_d
     finally:
         verify.ENABLED = False
         del llm
+        selector._cached_get_attn_backend.cache_clear()
