@@ -37,28 +37,37 @@ def _budget_axis(ax, ticks=(0.05, 0.1, 0.2, 0.5, 1.0)) -> None:
 
 
 def plot_accuracy(data: dict, out: Path, plt) -> Path:
+    """Per-token accuracy per task, then agreement with and KL to the full cache (mean over tasks)."""
     table = data["table"]
     tasks = sorted({t for row in table.values() for t in row["tasks"]})
     full = next((r for r in table.values() if r["policy"] == "full"), None)
-    names = sorted({k.rsplit("@", 1)[0] for k, r in table.items() if r["policy"] != "full" or "@" in k} - {"full"})
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.8), sharey=True)
-    panels = [(t, lambda r, t=t: r["tasks"][t]["acc"]) for t in tasks] + [("mean", lambda r: r["mean_acc"])]
-    for ax, (title, get) in zip(axes, panels):
+    names = sorted({k.rsplit("@", 1)[0] for k in table} - {"full"})
+
+    def mean(r, k):
+        return sum(r["tasks"][t][k] for t in tasks) / len(tasks)
+
+    panels = [(f"{t}: per-token accuracy", lambda r, t=t: r["tasks"][t]["tok"], (0, None)) for t in tasks]
+    panels += [("answer = full cache's (agree)", lambda r: mean(r, "agree"), (-0.02, 1.02)),
+               ("KL(full || policy), answer steps", lambda r: mean(r, "kl"), (0, None))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.9))
+    for ax, (title, get, ylim) in zip(axes, panels):
         for name in names:
             rows = sorted((_budget(r["budget"]), get(r)) for k, r in table.items()
                           if k.rsplit("@", 1)[0] == name and r["budget"] is not None)
             if not rows:
                 continue
             style = dict(lw=2.4, color="black") if name == "madakv" else dict(lw=1.2, alpha=0.85)
+            if name.startswith("madakv-"):
+                style["ls"] = "--"
             ax.plot([b for b, _ in rows], [a for _, a in rows], marker="o", ms=3.5, label=name, **style)
         if full is not None:
-            ax.axhline(get(full), ls="--", color="grey", lw=1, label="full cache")
+            ax.axhline(get(full), ls=":", color="grey", lw=1, label="full cache")
         _budget_axis(ax, (0.05, 0.1, 0.2, 0.5))
-        ax.set_title(title)
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Proxy VLM accuracy vs budget, through vLLM ({data.get('n_per_task', '?')} samples per task)")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(*ylim)
+    axes[-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Proxy VLM (partly trained) through vLLM, {data.get('n_per_task', '?')} prompts per task: "
+                 "answers vs budget per policy")
     fig.tight_layout()
     path = out / "accuracy_vs_budget.png"
     fig.savefig(path, dpi=110)
@@ -104,10 +113,13 @@ def plot_capacity(data: dict, out: Path, plt) -> Path:
     ax.axhline(1.0, color="grey", lw=0.8)
     _budget_axis(ax)
     ax.set_yscale("log")
+    ax.set_yticks([1, 2, 4, 8, 16])
+    ax.set_yticklabels(["1", "2", "4", "8", "16"])
     ax.set_ylabel("madakv / stock, same KV pool")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    ax.set_title("Capacity and throughput vs budget (vllm bench serve)")
+    ax.set_title(f"Capacity and throughput vs budget (vllm bench serve,\n"
+                 f"{data['args']['num_prompts']} requests: running counts cap at that)", fontsize=10)
     fig.tight_layout()
     path = out / "capacity_vs_budget.png"
     fig.savefig(path, dpi=110)

@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""Accuracy proxy for KV-cache eviction: every policy at every budget, end to end through vLLM,
+on the synthetic long-context tasks of madakv_vllm/proxy_tasks.py, with the trained proxy VLM.
+
+    .venv/bin/python scripts/train_proxy_vlm.py --rebuild-only   # models/proxy-vlm from the assets
+    .venv/bin/python scripts/eval_proxy.py [--n-per-task 40] [--out models/proxy-eval.json]
+
+One in-process vLLM engine (``--attention-backend madakv``, server policy ``full``); each request
+carries its policy and budget in ``SamplingParams.extra_args``. Held-out set: ``--n-per-task``
+samples of each task from the "eval" split (24-64 images, ~600-1400 prompt tokens), never seen in
+training. Prompts end with ``Answer``; every request generates K + 1 tokens greedily (K = 6 for the
+text needle, 4 for the image needle) -- ``:``, which the prefill pass computes over the full prompt
+(before eviction), then the K answer tokens, each from a decode step over the compressed cache --
+with the log-probabilities of the whole vocabulary. (A single-token answer measures no eviction:
+the prefill pass computes it into the observation window every policy keeps, so every policy tied
+with full cache; see madakv_vllm/proxy_tasks.py.) For each policy x budget x task:
+
+* ``acc``      -- exact match of the whole K-token answer;
+* ``tok``      -- per-token accuracy of the K answer tokens (position by position);
+* ``tok1`` / ``tok_rest`` -- the same for the first answer token only (which the prefill pass can
+  precompute into the window) and for tokens 2..K (which must be read from the cache by decode);
+* ``agree``    -- the K + 1 generated tokens equal the full-cache ones;
+* ``dlogp``    -- mean |log p_policy(t*) - log p_full(t*)|, t* = the full-cache token, and
+* ``kl``       -- mean KL(p_full || p_policy) over the vocabulary, both averaged over the answer
+  steps whose generated prefix still equals the full-cache one (same context; the first step
+  that diverges is included);
+* ``sep_ok``   -- the first generated token is ``:`` (a sanity check: it never sees eviction).
+
+Retained attention mass (``--mass-per-task`` samples per task, in Hugging Face transformers with
+the same weights): the model's own post-RoPE q/k of every layer are captured, each policy selects
+with ``make_policy(cfg).select_all`` exactly as the plugin does, and the script reports, averaged
+over samples, layers and KV heads:
+
+* ``mass``        -- fraction of the observation window's attention mass (unpooled window
+  attention, GQA-averaged: ``window_scores``) that falls on the kept tokens;
+* ``mass_outside`` -- the same restricted to tokens before the window (the part eviction decides);
+* ``needle_kept`` -- fraction of the needle tokens (text-needle value token, needle image tokens)
+  kept, over layers and heads.
+
+Outputs a table on stdout and JSON at ``--out``. The model must have been trained on the current
+task set (``"tasks"`` in its madakv_proxy_vlm.json); otherwise the script exits without scoring.
+Timing (2-core CPU, 40 prompts per task, 37 configs, K + 1 tokens each): ~5 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from madakv_vllm import proxy_tasks as pt  # noqa: E402
+from madakv_vllm.config import IMAGE, POLICIES, TEXT  # noqa: E402
+
+EVAL_IMAGES = (24, 64)
+BUDGETS = (0.5, 0.2, 0.1, 0.05)
+#: MadaKV ablations (the paper's two switches), run beside the policies by default.
+VARIANTS = {
+    "madakv-mpa": {"policy": "madakv", "hcc": False},  # MPA only
+    "madakv-hcc": {"policy": "madakv", "mpa": False},  # HCC only
+}
+
+
+def config_fields(name: str) -> dict:
+    """MadaKVConfig fields of a policy name or a VARIANTS name."""
+    return dict(VARIANTS[name]) if name in VARIANTS else {"policy": name}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=REPO / "models" / "proxy-vlm",
+                   help="model dir (rebuilt from scripts/assets/proxy_vlm if missing)")
+    p.add_argument("--n-per-task", type=int, default=40)
+    p.add_argument("--images", type=int, nargs=2, default=EVAL_IMAGES, metavar=("LO", "HI"))
+    p.add_argument("--policies", nargs="+", default=[q for q in POLICIES if q != "full"] + list(VARIANTS),
+                   help=f"policies and/or MadaKV ablations {sorted(VARIANTS)}")
+    p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    p.add_argument("--mass-per-task", type=int, default=4, help="samples per task for retained mass (0: skip)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the eval split")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-minutes", type=float, default=40.0, help="stop starting new configs after this")
+    p.add_argument("--out", type=Path, default=REPO / "models" / "proxy-eval.json")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- vLLM part
+def _logprob_vector(lp: dict, vocab: int):
+    import torch
+
+    v = torch.full((vocab,), -math.inf, dtype=torch.float64)
+    for tid, x in lp.items():
+        if tid < vocab:
+            v[tid] = x.logprob
+    return v
+
+
+def run_vllm(args, samples, configs, vocab: int):
+    """configs: list of (name, budget). Returns {(name, budget): [(generated token ids,
+    [logprob vector per step])]}, one per sample."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(args.model),
+        attention_backend="madakv",
+        additional_config={"madakv": {"policy": "full"}},
+        enforce_eager=True,
+        block_size=32,
+        dtype="float32",
+        seed=0,
+        max_model_len=4096,
+        max_num_batched_tokens=4096,
+        limit_mm_per_prompt={"image": args.images[1]},
+        max_logprobs=-1,
+    )
+    prompts = [pt.vllm_prompt(s) for s in samples]
+    results = {}
+    t0 = time.time()
+    for ci, (name, budget) in enumerate(configs):
+        if time.time() - t0 > 60 * args.max_minutes:
+            print(f"--max-minutes reached: skipping {configs[ci:]}", flush=True)
+            break
+        extra = {"madakv_" + k: v for k, v in config_fields(name).items()}
+        if budget is not None:
+            extra["madakv_budget"] = budget
+        sps = [SamplingParams(max_tokens=pt.CODE_LEN[s.task] + 1, temperature=0.0, logprobs=-1,
+                              ignore_eos=True, extra_args=extra) for s in samples]
+        tc = time.time()
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        results[(name, budget)] = [
+            (list(o.outputs[0].token_ids), [_logprob_vector(lp, vocab) for lp in o.outputs[0].logprobs])
+            for o in outs
+        ]
+        print(f"[{ci + 1}/{len(configs)}] {name} budget={budget}: {len(prompts)} prompts in "
+              f"{time.time() - tc:.1f} s", flush=True)
+    del llm
+    return results
+
+
+def score(samples, results, tokenizer):
+    full = results[("full", None)]
+    sep_id = pt.sep_token_id(tokenizer)
+    table = {}
+    for (name, budget), outs in results.items():
+        per_task: dict[str, dict[str, list[float]]] = {}
+        for s, (toks, lps), (ftoks, flps) in zip(samples, outs, full):
+            d = per_task.setdefault(s.task, {k: [] for k in (
+                "acc", "tok", "tok1", "tok_rest", "agree", "dlogp", "kl", "sep_ok")})
+            target = pt.target_token_ids(s, tokenizer)[1:]
+            ans = toks[1:]
+            hit = [float(a == t) for a, t in zip(ans, target)]
+            d["sep_ok"].append(float(toks[0] == sep_id))
+            d["acc"].append(float(ans == target))
+            d["tok"].append(sum(hit) / len(target))
+            d["tok1"].append(hit[0])
+            d["tok_rest"].append(sum(hit[1:]) / (len(target) - 1))
+            d["agree"].append(float(toks == ftoks))
+            dl, kl = [], []
+            for j in range(1, len(ftoks)):  # answer steps with the full-cache prefix
+                if toks[:j] != ftoks[:j]:
+                    break
+                lp, flp = lps[j], flps[j]
+                dl.append(abs(float(lp[ftoks[j]] - flp[ftoks[j]])))
+                pf = flp.exp()
+                ok = pf > 0
+                kl.append(float((pf[ok] * (flp[ok] - lp[ok].clamp_min(-1e4))).sum()))
+            d["dlogp"].append(sum(dl) / len(dl) if dl else float("nan"))
+            d["kl"].append(sum(kl) / len(kl) if kl else float("nan"))
+        table[f"{name}@{budget}"] = {
+            "policy": name, "config": config_fields(name), "budget": budget,
+            "tasks": {t: {k: _mean(v) for k, v in d.items()} | {"n": len(d["acc"])}
+                      for t, d in per_task.items()},
+        }
+        row = table[f"{name}@{budget}"]
+        row["mean_acc"] = _mean([row["tasks"][t]["acc"] for t in per_task])
+        row["mean_tok"] = _mean([row["tasks"][t]["tok"] for t in per_task])
+    return table
+
+
+def _mean(v):
+    v = [x for x in v if not math.isnan(x)]
+    return sum(v) / len(v) if v else float("nan")
+
+
+# ----------------------------------------------------------------------------- HF part
+_CAPTURED: list = []
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if type(module).__name__ == "Qwen2VLAttention":  # text layers only (not the vision tower)
+        _CAPTURED.append((module.layer_idx, query.detach()[0].float(), key.detach()[0].float()))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def retained_mass(args, samples, configs):
+    """{(name, budget): {task: {mass, mass_outside, needle_kept}}} over the samples."""
+    import torch
+    from transformers import AttentionInterface, AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from madakv_vllm.config import MadaKVConfig
+    from madakv_vllm.policies import make_policy, window_scores
+
+    AttentionInterface.register("madakv_capture", _capture_attention)
+    processor = AutoProcessor.from_pretrained(str(args.model))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        str(args.model), dtype=torch.float32, attn_implementation="madakv_capture")
+    model.eval()
+    batcher = pt.HFBatcher(processor)
+    acc: dict = {}
+    for s in samples:
+        _CAPTURED.clear()
+        inputs = batcher([s], with_answer=False)  # the vLLM prompt, ending with "Answer"
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+        layers = sorted(_CAPTURED, key=lambda x: x[0])
+        qs = [q for _, q, _ in layers]  # [Hq, N, D] post-RoPE
+        ks = [k for _, _, k in layers]  # [H, N, D]
+        ids = inputs["input_ids"][0]
+        n = ids.numel()
+        modality = torch.where(ids == batcher.image_token_id, IMAGE, TEXT)
+        needle = torch.tensor(pt.needle_token_positions(s, processor.tokenizer))
+        for name, budget in configs:
+            cfg = MadaKVConfig(**config_fields(name), budget=budget if budget is not None else 1.0)
+            w = min(cfg.window, n)
+            qw = [q[:, n - w:] for q in qs]
+            kept = make_policy(cfg).select_all(qw, ks, modality, cfg.budget_tokens(n))
+            m, mo, nk = [], [], []
+            for q, k, kept_l in zip(qw, ks, kept):
+                psi = window_scores(q, k, kernel_size=1)  # [H, N], each row sums to w
+                for h, idx in enumerate(kept_l):
+                    keep = torch.zeros(n, dtype=torch.bool)
+                    keep[idx] = True
+                    m.append(float(psi[h][keep].sum() / psi[h].sum()))
+                    outside = psi[h][: n - w]
+                    mo.append(float(outside[keep[: n - w]].sum() / outside.sum()))
+                    nk.append(float(keep[needle].float().mean()))
+            d = acc.setdefault((name, budget), {}).setdefault(s.task, {"mass": [], "mass_outside": [], "needle_kept": []})
+            d["mass"].append(sum(m) / len(m))
+            d["mass_outside"].append(sum(mo) / len(mo))
+            d["needle_kept"].append(sum(nk) / len(nk))
+    return {key: {t: {k: sum(v) / len(v) for k, v in d.items()} for t, d in per_task.items()}
+            for key, per_task in acc.items()}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not (args.model / "model.safetensors").is_file():
+        print(f"{args.model} missing: rebuilding from {pt.default_assets_dir()}", flush=True)
+        pt.rebuild_proxy_model(args.model)
+    info_path = args.model / pt.MODEL_INFO
+    trained_on = json.loads(info_path.read_text()).get("tasks") if info_path.is_file() else None
+    if trained_on != list(pt.TASKS):
+        sys.exit(f"{args.model} was trained on tasks {trained_on}, not {list(pt.TASKS)} "
+                 "(retrain with scripts/train_proxy_vlm.py); refusing to score it")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(args.model))
+    pt.answer_token_ids(tok)  # checks every answer word is one token
+    samples = pt.make_dataset(pt.TASKS, args.n_per_task, tuple(args.images), split="eval", base_seed=args.seed)
+    lengths = pt.summarize_lengths(samples, tok)
+    print(f"{len(samples)} held-out prompts ({args.n_per_task}/task), prompt tokens {lengths}", flush=True)
+    configs = [("full", None)] + [(p, b) for p in args.policies for b in args.budgets]
+
+    t0 = time.time()
+    results = run_vllm(args, samples, configs, len(tok))
+    vllm_s = time.time() - t0
+    table = score(samples, results, tok)
+
+    mass = {}
+    mass_s = 0.0
+    if args.mass_per_task > 0:
+        t1 = time.time()
+        seen: dict[str, int] = {}
+        msamples = []
+        for s in samples:  # the first --mass-per-task samples of each task
+            seen[s.task] = seen.get(s.task, 0) + 1
+            if seen[s.task] <= args.mass_per_task:
+                msamples.append(s)
+        mass = retained_mass(args, msamples, configs)
+        mass_s = time.time() - t1
+        for (name, budget), per_task in mass.items():
+            row = table.get(f"{name}@{budget}")
+            if row is None:
+                continue
+            for t, d in per_task.items():
+                row["tasks"][t].update(d)
+
+    report = {
+        "model": str(args.model),
+        "assets": json.loads((args.model / pt.MODEL_INFO).read_text()) if (args.model / pt.MODEL_INFO).is_file() else None,
+        "n_per_task": args.n_per_task, "images": list(args.images), "prompt_tokens": lengths,
+        "mass_per_task": args.mass_per_task, "budgets": args.budgets, "policies": args.policies,
+        "seconds": {"vllm": round(vllm_s, 1), "mass": round(mass_s, 1)},
+        "table": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(table)
+    print(f"\nwrote {args.out} (vLLM {vllm_s:.0f} s, retained mass {mass_s:.0f} s)")
+
+
+def print_table(table) -> None:
+    tasks = pt.TASKS
+    short = {"text_needle": "TN", "image_needle": "IN"}
+    head = (f"{'policy':<13}{'budget':>7} | " + " ".join(f"{'acc ' + short[t]:>7}" for t in tasks)
+            + f" {'mean':>6} | " + " ".join(f"{'tok ' + short[t]:>7}" for t in tasks)
+            + f" {'rest':>6} | {'agree':>6} {'|dlogp|':>8} {'KL':>7} | {'mass':>6} {'out':>6} {'needle':>7}"
+            + f" | {'sep':>4}")
+    print(head)
+    print("-" * len(head))
+    for key, row in table.items():
+        ts = row["tasks"]
+        avg = lambda k: sum(ts[t].get(k, float("nan")) for t in tasks) / len(tasks)  # noqa: E731
+        b = "-" if row["budget"] is None else f"{row['budget']:g}"
+        print(f"{row['policy']:<13}{b:>7} | " + " ".join(f"{ts[t]['acc']:>7.3f}" for t in tasks)
+              + f" {row['mean_acc']:>6.3f} | " + " ".join(f"{ts[t]['tok']:>7.3f}" for t in tasks)
+              + f" {avg('tok_rest'):>6.3f} | {avg('agree'):>6.3f} {avg('dlogp'):>8.4f} {avg('kl'):>7.4f} | "
+              + f"{avg('mass'):>6.3f} {avg('mass_outside'):>6.3f} {avg('needle_kept'):>7.3f}"
+              + f" | {avg('sep_ok'):>4.2f}")
+    print("acc: exact match of the whole answer (TN text needle, 6 words; IN image needle, 4 colours); "
+          "tok: per-token accuracy; rest: answer tokens 2..K (read from the cache at decode); "
+          "agree/|dlogp|/KL: vs full cache, over answer steps with the full-cache prefix; mass: "
+          "observation-window attention on kept tokens (out: before the window); needle: needle "
+          "tokens kept; sep: first token ':' (computed before eviction)")
+
+
+if __name__ == "__main__":
+    main()
