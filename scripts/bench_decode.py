@@ -1,14 +1,15 @@
 """Decode latency, prefill overhead and KV bytes per request: stock vLLM (CPU_ATTN) vs madakv.
 
     python scripts/bench_decode.py [--layers 4] [--lengths 4096,16384] [--budgets full,0.5,0.2,0.1,0.05]
-                                   [--decode 64] [--repeats 3] [--out models/bench_decode.json]
+                                   [--images 8] [--decode 48] [--repeats 3] [--out models/bench_decode.json]
+    # docs/results.md: --layers 2 --lengths 4096,16384,32768 --images 16 --decode 48 --repeats 2
 
 Model: Qwen2-VL-2B's attention geometry (12 query heads, 2 KV heads, head dim 128, hidden 1536,
 MLP 8960) with few layers and random weights (madakv_vllm.tiny_models), bf16 as vLLM runs it on
 CPU. Both engines live in one process and are measured interleaved, one request at a time (each
-repeat: stock, then madakv at every budget); for each prompt length and budget: prefill time (wall time of the steps until the first token), decode
-ms/token (median step time after the prompt's compression), and the KV bytes the request holds
-(its non-null blocks x page bytes). Beside each decode ratio: the physical bound
+repeat: stock, then madakv at every budget); for each prompt length and budget: prefill time (wall
+time of the steps until the first token), decode ms/token (median step time after the prompt's
+compression), and the KV bytes the request holds (its non-null blocks x page bytes). Beside each decode ratio: the physical bound
 (weight bytes + KV bytes) / (weight bytes + budget x KV bytes) that a memory-bound decoder reaches.
 """
 
