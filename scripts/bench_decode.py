@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "models" / "bench_decode.json"))
     args = ap.parse_args(argv)
 
+    from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
     from madakv_vllm.tiny_models import build_model
@@ -133,14 +134,14 @@ def main(argv=None) -> int:
         # Interleaved: each repeat runs stock once, then madakv at every budget, so a slow spell on
         # the shared machine hits every configuration of that repeat alike.
         meas: dict[str, list] = {name: [] for name in ["stock"] + budgets}
-        for _ in range(args.repeats):
-            for name in ["stock"] + budgets:
-                llm = stock if name == "stock" else ours
-                extra = None
-                if name not in ("stock", "full"):
-                    extra = {"madakv_policy": args.policy, "madakv_budget": float(name)}
-                sp = SamplingParams(max_tokens=args.decode, temperature=0, ignore_eos=True, extra_args=extra)
-                meas[name].append(run_one(llm, prompt, sp))
+        runs = [name for _ in range(args.repeats) for name in ["stock"] + budgets]
+        for name in tqdm(runs, desc=f"{n} tokens", unit="run"):
+            llm = stock if name == "stock" else ours
+            extra = None
+            if name not in ("stock", "full"):
+                extra = {"madakv_policy": args.policy, "madakv_budget": float(name)}
+            sp = SamplingParams(max_tokens=args.decode, temperature=0, ignore_eos=True, extra_args=extra)
+            meas[name].append(run_one(llm, prompt, sp))
         pre = {k: [m[0] for m in v] for k, v in meas.items()}
         dec = {k: [statistics.median(m[1][2:]) for m in v] for k, v in meas.items()}
         held = {k: v[0][2] for k, v in meas.items()}

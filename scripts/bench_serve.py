@@ -94,12 +94,13 @@ def run_engine(name: str, model: Path, args, kv_bytes: int) -> dict:
         poller = threading.Thread(target=poll_running, args=(port, stop, running), daemon=True)
         poller.start()
         t0 = time.monotonic()
-        proc = subprocess.run(client, capture_output=True, text=True)
+        # the client's own progress bar (stderr) goes to the console; its report (stdout) is kept
+        proc = subprocess.run(client, stdout=subprocess.PIPE, text=True)
         wall = time.monotonic() - t0
         stop.set()
         poller.join()
     if proc.returncode != 0 or not result_file.exists():
-        raise RuntimeError(f"vllm bench serve failed for {name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"vllm bench serve failed for {name}:\n{proc.stdout[-3000:]}")
     r = json.loads(result_file.read_text())
     busy = [x for x in running if x > 0]
     row = {
