@@ -36,6 +36,13 @@ def _budget_axis(ax, ticks=(0.05, 0.1, 0.2, 0.5, 1.0)) -> None:
     ax.grid(alpha=0.3)
 
 
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy(data: dict, out: Path, plt) -> Path:
     """Per-token accuracy per task, then agreement with and KL to the full cache (mean over tasks)."""
     table = data["table"]
@@ -68,11 +75,7 @@ def plot_accuracy(data: dict, out: Path, plt) -> Path:
     axes[-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"Proxy VLM (partly trained) through vLLM, {data.get('n_per_task', '?')} prompts per task: "
                  "answers vs budget per policy")
-    fig.tight_layout()
-    path = out / "accuracy_vs_budget.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "accuracy_vs_budget.png", plt)
 
 
 def plot_decode(data: dict, out: Path, plt) -> Path:
@@ -94,11 +97,7 @@ def plot_decode(data: dict, out: Path, plt) -> Path:
         _budget_axis(ax)
         ax.legend(fontsize=7)
     fig.suptitle("Per-request KV memory and decode latency vs budget (madakv / stock vLLM, one run)")
-    fig.tight_layout()
-    path = out / "memory_decode_vs_budget.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "memory_decode_vs_budget.png", plt)
 
 
 def plot_capacity(data: dict, out: Path, plt) -> Path:
@@ -120,11 +119,7 @@ def plot_capacity(data: dict, out: Path, plt) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(f"Capacity and throughput vs budget (vllm bench serve,\n"
                  f"{data['args']['num_prompts']} requests: running counts cap at that)", fontsize=10)
-    fig.tight_layout()
-    path = out / "capacity_vs_budget.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "capacity_vs_budget.png", plt)
 
 
 def main(argv=None) -> int:
