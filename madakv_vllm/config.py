@@ -48,6 +48,12 @@ class MadaKVConfig(BaseModel):
     recompress_interval: int = Field(
         32, ge=0, description="re-compress every N generated tokens (0 = only once, after the prompt)"
     )
+    # On by default: retained KV then fills whole pages, so a compressed request holds exactly
+    # P packed pages plus its tail (madakv_vllm/accounting.py); off: exact token budgets, one
+    # more page of packing slack.
+    page_aligned: bool = Field(
+        True, description="round each head's budget to whole KV pages (at most +15% over the budget)"
+    )
     min_prompt_len: int = Field(0, ge=0, description="prompts shorter than this are never compressed")
     pyramid_beta: float = Field(20.0, gt=0.0, description="PyramidKV: top/bottom layer budget ratio parameter")
     adakv_alpha: float = Field(0.2, ge=0.0, le=1.0, description="AdaKV: per-head floor as a fraction of the budget")

@@ -193,6 +193,8 @@ class CompressionState:
     kept_counts: torch.Tensor  # [L, H] int64, filled as layers are selected
     phi: torch.Tensor  # [L] float64: per-head allocation of each layer (HCC's phi; B or fixed budget else)
     layer_budget: torch.Tensor | None = None  # [L] per-head budget fixed in advance (pyramidkv)
+    granule: int = 1  # every head keeps offset + a multiple of granule tokens (whole KV pages + the tail's share)
+    offset: int = 0
     remaining: int = 0  # tokens still to keep over the layers not selected yet
     next_layer: int = 0
     _group_on: dict = field(default_factory=dict, repr=False)
@@ -245,6 +247,38 @@ class Ranking:
                 before = F.pad(cum[:, :-1], (1, 0))  # mass of the better tokens of this group
                 demand[:, m] = (in_m & (before < theta * w)).sum(1).cpu()
         return mass, demand
+
+
+def align_quota(state: CompressionState, layer: int, quota: torch.Tensor) -> torch.Tensor:
+    """Round one layer's quotas so every head keeps r + j·g tokens (``g = state.granule``,
+    ``r = state.offset``, j >= 0 whole granules).
+
+    The layer's granules go to the nearest whole number, clamped so the later layers can still
+    reach exactly L·H·B (each head between the fewest granules covering ``state.floor`` and the
+    most that fit in N); heads get granules in proportion to what the policy asked for above
+    that floor (largest remainder); a head's extra or missing tokens are given to or taken from
+    its content groups in proportion to their quotas (the selector then keeps each group's
+    best). HCC sees the rounded counts through ``state.remaining``, so later layers compensate.
+    Quotas already of that form and feasible (uniform B, AdaKV's layer total H·B, PyramidKV's
+    aligned schedule) come back unchanged.
+    """
+    g, r, h, n = state.granule, state.offset, state.num_kv_heads, state.seq_len
+    asked = quota.sum(1)
+    lo, hi = -(-max(state.floor - r, 0) // g), (n - r) // g
+    left = state.num_layers - layer - 1
+    rem = (state.remaining - (left + 1) * h * r) // g  # granules still to keep, this layer included
+    total = int(math.floor((int(asked.sum()) - h * r) / g + 0.5))
+    total = min(max(total, h * lo, rem - left * h * hi), h * hi, rem - left * h * lo)
+    if h * r + total * g == int(asked.sum()) and not bool(((asked - r) % g).any()):
+        return quota
+    weight = ((asked - r).double() / g - lo).clamp_min(0.0)
+    want = r + (lo + apportion(total - h * lo, weight, torch.full((h,), hi - lo))) * g
+    content = quota[:, :FORCED]
+    room = state.group_sizes[:FORCED].expand_as(content) - content
+    more, less = (want - asked).clamp_min(0), (asked - want).clamp_min(0)
+    out = quota.clone()
+    out[:, :FORCED] = content + apportion(more, content.double(), room) - apportion(less, content.double(), content)
+    return out
 
 
 def select_by_quota(ranking: Ranking, quota: torch.Tensor) -> list[torch.Tensor]:
@@ -304,17 +338,30 @@ class Policy:
 
     # -- API ---------------------------------------------------------------------------------
     def begin(
-        self, *, num_layers: int, num_kv_heads: int, seq_len: int, modality: torch.Tensor, budget: int
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        seq_len: int,
+        modality: torch.Tensor,
+        budget: int,
+        granule: int = 1,
+        offset: int = 0,
     ) -> CompressionState:
+        """``granule`` > 1: every (layer, head) keeps ``offset`` + a multiple of ``granule`` tokens
+        (whole KV pages plus a share of the tail page, see madakv_vllm/accounting.py); ``budget``
+        must be of that form too."""
         n = int(seq_len)
-        if n < 1 or num_layers < 1 or num_kv_heads < 1:
-            raise ValueError("begin: need seq_len, num_layers, num_kv_heads >= 1")
+        if n < 1 or num_layers < 1 or num_kv_heads < 1 or granule < 1 or not 0 <= offset < granule:
+            raise ValueError("begin: need seq_len, num_layers, num_kv_heads, granule >= 1, 0 <= offset < granule")
         mod = torch.as_tensor(modality).to("cpu", torch.int64).reshape(-1)
         if mod.numel() != n:
             raise ValueError(f"begin: modality has {mod.numel()} entries, seq_len is {n}")
         if mod.min() < 0 or mod.max() >= NUM_MODALITIES:
             raise ValueError(f"begin: modality ids must be in [0, {NUM_MODALITIES})")
         b = self.effective_budget(budget, n, int(Policy.forced_mask(self, n, n).sum()))
+        if granule > 1 and b < n and (b - offset) % granule:
+            raise ValueError(f"begin: budget {b} is not {offset} + a multiple of granule {granule}")
         forced = self.forced_mask(n, b)
         group = torch.where(forced, FORCED, self.content_group(mod))
         state = CompressionState(
@@ -330,6 +377,8 @@ class Policy:
             kept_counts=torch.zeros(num_layers, num_kv_heads, dtype=torch.int64),
             phi=torch.full((num_layers,), float(b), dtype=torch.float64),
             remaining=num_layers * num_kv_heads * b,
+            granule=granule if b < n else 1,
+            offset=offset if b < n else 0,
         )
         self.init_state(state)
         return state
@@ -357,6 +406,8 @@ class Policy:
             return self._record(state, layer, torch.full((h,), n), _all_tokens(h, n, scores.device))
         ranking = Ranking.of(scores, state.group_on(scores.device))
         quota = self.quotas(state, layer, ranking)
+        if state.granule > 1:
+            quota = align_quota(state, layer, quota)
         return self._record(state, layer, quota.sum(1), select_by_quota(ranking, quota))
 
     def select_all(
@@ -441,7 +492,7 @@ class PyramidKVPolicy(Policy):
     beta: float = 20.0
 
     def init_state(self, state):
-        big_l, f = state.num_layers, state.num_forced
+        big_l, f, g = state.num_layers, state.num_forced, state.granule
         extra = state.budget - f
         if big_l == 1:
             sched = torch.tensor([float(extra)], dtype=torch.float64)
@@ -449,8 +500,14 @@ class PyramidKVPolicy(Policy):
             lo = extra / self.beta
             hi = 2 * extra - lo
             sched = hi - (hi - lo) * torch.arange(big_l, dtype=torch.float64) / (big_l - 1)
-        alloc = apportion(big_l * extra, sched, torch.full((big_l,), state.seq_len - f))
-        state.layer_budget = alloc + f
+        if g > 1:  # the same schedule in whole granules: r + g * [ceil((F-r)/g), (N-r) // g] per layer
+            r = state.offset
+            low, high = -(-max(f - r, 0) // g), (state.seq_len - r) // g
+            alloc = apportion(big_l * ((state.budget - r) // g - low), sched, torch.full((big_l,), high - low))
+            state.layer_budget = r + (alloc + low) * g
+        else:
+            alloc = apportion(big_l * extra, sched, torch.full((big_l,), state.seq_len - f))
+            state.layer_budget = alloc + f
         state.phi = state.layer_budget.double()
 
     def quotas(self, state, layer, ranking):

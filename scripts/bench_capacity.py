@@ -12,8 +12,10 @@ prints max and time-averaged ``vllm:num_requests_running`` and ``vllm:kv_cache_u
 
 Part 2 (memory per request, offline, in-process): for budgets 0.5, 0.2, 0.1, 0.05 and a few
 prompt lengths, the pages a request holds after compression (non-null blocks in the scheduler
-manager's ``req_to_blocks``) vs what stock vLLM holds for the same request at the same length, and
-whether ``held <= 1.15 * budget * stock + 1`` (one partly filled page, one KV cache group).
+manager's ``req_to_blocks``) right after compression vs what stock vLLM holds for the same request
+at the same length, and whether ``held <= 1.15 * budget * stock + 1`` (one partly filled page, one KV
+cache group); with page-aligned budgets (the default) and without (``page_aligned: false``), each
+checked against madakv_vllm/accounting.py's prediction.
 
     python scripts/bench_capacity.py                 # both parts, ~6 min on 2 cores
     python scripts/bench_capacity.py --quick         # ~2.5 min
@@ -49,7 +51,8 @@ try:
 except ImportError:  # not installed: use the checkout
     sys.path.append(str(ROOT))
 
-from madakv_vllm.accounting import cdiv  # noqa: E402
+from madakv_vllm.accounting import cdiv, plan_compression  # noqa: E402
+from madakv_vllm.config import MadaKVConfig  # noqa: E402
 from madakv_vllm.demo import free_port, metrics, serve  # noqa: E402
 
 MODEL_DIR = ROOT / "models" / "bench-qwen2vl"
@@ -331,7 +334,8 @@ def run_memory(model: Path, args, tm: TextMaker) -> list[dict]:
     print("[memory] madakv engine", flush=True)
     ours = LLM(**common, attention_backend="madakv",
                additional_config={"madakv": {"policy": args.policy, "budget": 0.2}})
-    m_info = run(ours, {f"m{n}_{b}": (prompts[n], params(madakv_budget=b)) for n in lengths for b in BUDGETS})
+    m_info = run(ours, {f"m{n}_{b}_{a}": (prompts[n], params(madakv_budget=b, madakv_page_aligned=a))
+                        for n in lengths for b in BUDGETS for a in (True, False)})
     del ours
 
     rows = []
@@ -339,29 +343,39 @@ def run_memory(model: Path, args, tm: TextMaker) -> list[dict]:
         s = s_info[f"s{n}"]
         s_at = dict(s["trace"])  # computed tokens -> held
         for b in BUDGETS:
-            m = m_info[f"m{n}_{b}"]
-            computed, held = m["trace"][-1]  # last step the request was scheduled: compressed, decoding
-            stock_held = s_at.get(computed, max(h for _, h in s["trace"]))
-            bound = 1.15 * b * stock_held + 1
-            rows.append({
-                "prompt_tokens": m["prompt_tokens"], "images": images_for[n], "budget": b,
-                "computed_tokens": computed, "stock_blocks": stock_held,
-                "stock_blocks_max": max(h for _, h in s["trace"]), "madakv_blocks": held,
-                "madakv_blocks_max": max(h for _, h in m["trace"]),
-                "ratio_to_budget_x_stock": held / (b * stock_held),
-                "bound_1_15_budget_stock_plus_1": bound, "ok": held <= bound,
-                "expected_by_accounting": cdiv(round(b * m["prompt_tokens"]), BLOCK_SIZE) + 1
-                + cdiv(computed, BLOCK_SIZE) - m["prompt_tokens"] // BLOCK_SIZE,
-            })
+            for aligned in (True, False):
+                m = m_info[f"m{n}_{b}_{aligned}"]
+                c = m["prompt_tokens"]
+                peak = max(range(len(m["trace"])), key=lambda i: m["trace"][i][1])
+                # first step after compression (the scheduler frees pages when it next schedules)
+                computed, held = next(((t, h) for t, h in m["trace"][peak:] if h < m["trace"][peak][1]), m["trace"][-1])
+                last_computed, last_held = m["trace"][-1]
+                stock_held = s_at.get(computed, cdiv(computed, BLOCK_SIZE))
+                bound = 1.15 * b * stock_held + 1
+                plan = plan_compression(MadaKVConfig(policy=args.policy, budget=b, page_aligned=aligned), c, BLOCK_SIZE)
+                rows.append({
+                    "prompt_tokens": c, "images": images_for[n], "budget": b, "page_aligned": aligned,
+                    "retained_per_head": plan.budget, "keep_pages": plan.keep_pages,
+                    "computed_tokens": computed, "stock_blocks": stock_held,
+                    "stock_blocks_max": max(h for _, h in s["trace"]), "madakv_blocks": held,
+                    "madakv_blocks_max": m["trace"][peak][1],
+                    "ratio_to_budget_x_stock": held / (b * stock_held),
+                    "bound_1_15_budget_stock_plus_1": bound, "ok": held <= bound,
+                    "expected_by_accounting": plan.keep_pages + cdiv(computed, BLOCK_SIZE) - c // BLOCK_SIZE,
+                    "last_computed_tokens": last_computed, "last_madakv_blocks": last_held,
+                    "last_expected_by_accounting": plan.keep_pages + cdiv(last_computed, BLOCK_SIZE) - c // BLOCK_SIZE,
+                })
     return rows
 
 
 def memory_table(rows: list[dict]) -> str:
-    lines = ["| prompt tokens | images | budget | stock blocks | madakv blocks | held / (budget x stock) "
-             "| bound 1.15 x budget x stock + 1 | ok |", "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = ["| prompt tokens | budget | page-aligned | kept / head | stock blocks | madakv blocks | predicted "
+             "| held / (budget x stock) | bound 1.15 x budget x stock + 1 | ok |",
+             "|---:|---:|:---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
-        lines.append(f"| {r['prompt_tokens']} | {r['images']} | {r['budget']} | {r['stock_blocks']} | "
-                     f"{r['madakv_blocks']} | {r['ratio_to_budget_x_stock']:.3f} | "
+        lines.append(f"| {r['prompt_tokens']} | {r['budget']} | {'yes' if r['page_aligned'] else 'no'} | "
+                     f"{r['retained_per_head']} | {r['stock_blocks']} | {r['madakv_blocks']} | "
+                     f"{r['expected_by_accounting']} | {r['ratio_to_budget_x_stock']:.3f} | "
                      f"{r['bound_1_15_budget_stock_plus_1']:.2f} | {'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines)
 
@@ -449,7 +463,10 @@ def main(argv=None) -> int:
         print(f"## Held KV blocks per request after compression (policy {args.policy}, block {BLOCK_SIZE}, "
               f"{args.memory_decode} tokens decoded)")
         print(memory_table(rows))
-        print(f"all within 1.15 x budget x stock + 1: {all(r['ok'] for r in rows)}")
+        print(f"page-aligned rows all within 1.15 x budget x stock + 1: {all(r['ok'] for r in rows if r['page_aligned'])}; "
+              f"unaligned: {sum(r['ok'] for r in rows if not r['page_aligned'])}/{sum(not r['page_aligned'] for r in rows)}")
+        print("every count as accounting.py predicts (right after compression and at the last step): "
+              f"{all(r['madakv_blocks'] == r['expected_by_accounting'] and r['last_madakv_blocks'] == r['last_expected_by_accounting'] for r in rows)}")
 
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ on the synthetic long-context tasks of madakv_vllm/proxy_tasks.py, with the trai
     .venv/bin/python scripts/train_proxy_vlm.py --rebuild-only   # models/proxy-vlm from the assets
     .venv/bin/python scripts/eval_proxy.py [--n-per-task 40] [--out models/proxy-eval.json]
 
-One in-process vLLM engine (``--attention-backend madakv``, server policy ``full``); each request
+One in-process vLLM engine (``--attention-backend madakv``, server policy ``full``, exact rather
+than page-aligned budgets: ``page_aligned: false``, see docs/integration.md); each request
 carries its policy and budget in ``SamplingParams.extra_args``. Held-out set: ``--n-per-task``
 samples of each task from the "eval" split (24-64 images, ~600-1400 prompt tokens), never seen in
 training. Prompts end with ``Answer``; every request generates K + 1 tokens greedily (K = 6 for the
@@ -112,7 +113,9 @@ def run_vllm(args, samples, configs, vocab: int):
     llm = LLM(
         model=str(args.model),
         attention_backend="madakv",
-        additional_config={"madakv": {"policy": "full"}},
+        # Exact budgets: page-aligned ones move in steps of 32 tokens per head, coarse on these
+        # ~600-1400-token prompts, and the retained-mass part below selects with exact budgets.
+        additional_config={"madakv": {"policy": "full", "page_aligned": False}},
         enforce_eager=True,
         block_size=32,
         dtype="float32",

@@ -659,3 +659,76 @@ def test_hcc_max_scale_caps_greedy_early_layers():
             for layer in range(L - 1):
                 assert counts[layer] <= max(H * 32, int(scale * H * float(st.phi[layer]))) + 0
     assert totals[float("inf")][0] > totals[2.0][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# page-aligned budgets (granule, offset): every head keeps whole KV pages + its share of the tail page
+# ---------------------------------------------------------------------------------------------
+
+
+@PROPS
+@given(
+    policy=st.sampled_from([p for p in POLICIES if p != "full"]),
+    num_layers=st.integers(1, 5),
+    h=st.integers(1, 4),
+    n=st.integers(80, 900),
+    g=st.sampled_from([8, 16, 32]),
+    frac=st.sampled_from([0.5, 0.2, 0.1, 0.05]),
+    window=st.sampled_from([4, 8, 16]),
+    sinks=st.sampled_from([0, 2]),
+    seed=st.integers(0, 10_000),
+)
+def test_granule_counts_are_offset_plus_whole_pages_summing_exactly(policy, num_layers, h, n, g, frac, window, sinks, seed):
+    from madakv_vllm.accounting import plan_compression
+
+    cfg = MadaKVConfig(policy=policy, budget=frac, window=window, sink_tokens=sinks)
+    plan = plan_compression(cfg, n, g)
+    if plan is None:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    mod = torch.randint(0, 3, (n,), generator=gen)
+    pol = make_policy(cfg)
+    r = plan.offset(n)  # n mod g entries of every head share the tail page
+    state = pol.begin(num_layers=num_layers, num_kv_heads=h, seq_len=n, modality=mod, budget=plan.budget,
+                      granule=plan.granule, offset=r)
+    kept = [pol.select_layer_scores(state, l, torch.rand(h, n, generator=gen) ** 4) for l in range(num_layers)]
+    counts = torch.tensor([[len(k) for k in layer] for layer in kept])
+    assert bool(((counts - r) % g == 0).all()), (counts, r)
+    assert int(counts.sum()) == num_layers * h * plan.budget
+    forced = set(range(n - min(window, n), n)) | set(range(min(sinks, n)))
+    for layer in kept:
+        for k in layer:
+            assert len(set(k.tolist())) == len(k) and forced <= set(k.tolist())
+
+
+def test_granule_rounds_madakv_layers_and_later_layers_compensate():
+    """HCC asks for unaligned per-head counts; aligned, each layer moves to whole granules and
+    the remaining budget carries the difference, so the total is still exact."""
+    n, h, g, big_l = 400, 2, 16, 3
+    mod = torch.tensor([TEXT] * 150 + [IMAGE] * 250)
+    psi = torch.rand(h, n, generator=torch.Generator().manual_seed(3)) ** 6
+    cfg = MadaKVConfig(policy="madakv", window=8)
+    free, s_free = select_from_scores(cfg, psi, mod, 99, big_l)
+    pol = make_policy(cfg)
+    state = pol.begin(num_layers=big_l, num_kv_heads=h, seq_len=n, modality=mod, budget=99, granule=g, offset=3)
+    kept = [pol.select_layer_scores(state, l, psi) for l in range(big_l)]
+    assert bool(((s_free.kept_counts - 3) % g != 0).any())  # the unaligned policy asks for other counts
+    assert bool(((state.kept_counts - 3) % g == 0).all())
+    assert int(state.kept_counts.sum()) == int(s_free.kept_counts.sum()) == big_l * h * 99
+    assert (state.kept_counts - s_free.kept_counts)[0].abs().max() < g  # layer 0: rounded, not redistributed
+    # layer 0 asked for the same counts: a head rounded up keeps a superset of what it asked for,
+    # one rounded down a subset (quotas move within the head's own ranking)
+    for j in range(h):
+        a, b = set(kept[0][j].tolist()), set(free[0][j].tolist())
+        assert a <= b or b <= a
+
+
+def test_begin_rejects_unaligned_budget():
+    begin = make_policy(MadaKVConfig()).begin
+    with pytest.raises(ValueError, match="granule"):
+        begin(num_layers=1, num_kv_heads=1, seq_len=100, modality=torch.zeros(100, dtype=torch.long), budget=40, granule=32)
+    with pytest.raises(ValueError, match="offset"):
+        begin(num_layers=1, num_kv_heads=1, seq_len=100, modality=torch.zeros(100, dtype=torch.long), budget=40,
+              granule=32, offset=32)
+    assert begin(num_layers=1, num_kv_heads=1, seq_len=100, modality=torch.zeros(100, dtype=torch.long), budget=40,
+                 granule=32, offset=8).offset == 8

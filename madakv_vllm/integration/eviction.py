@@ -181,7 +181,9 @@ class EvictionState:
             if ev.policy_state is None:
                 policy = make_policy(cfg)
                 mods = rs.modality(n).long()
-                ev.policy_state = (policy, policy.begin(num_layers=self.num_layers, num_kv_heads=self.H, seq_len=n, modality=mods, budget=rs.plan.budget), mods)
+                state = policy.begin(num_layers=self.num_layers, num_kv_heads=self.H, seq_len=n, modality=mods,
+                                     budget=rs.plan.budget, granule=rs.plan.granule, offset=rs.plan.offset(n))
+                ev.policy_state = (policy, state, mods)
             policy, pstate, _ = ev.policy_state
             keys = self.read_stock(layer, ev.block_ids, n)[0]  # [H, n, D]
             wq = min(cfg.window, n)
@@ -189,13 +191,18 @@ class EvictionState:
             ev.kept.append([k.to("cpu", torch.long) for k in kept])
         else:
             kept = []
+            # Page-aligned: a head keeps r_T + whole sub-blocks, r_T = T mod bs entries sharing the
+            # tail page (accounting.py). From the prompt's r_C + j*bs that is base - ((r_C - r_T) mod bs),
+            # never more than the base (only a sub-page base with r_T > r_C keeps r_T).
+            drop = (rs.plan.offset(rs.plan.comp_len) - rs.plan.offset(ev.length)) % rs.plan.granule
             for h in range(self.H):
                 n = int(rs.lens[layer, h])
                 keys = self.read_compressed(rs, layer, h, n)[0]  # [n, D]
                 wq = min(cfg.window, n)
                 q = queries[h * self.G : (h + 1) * self.G, -wq:]
                 psi = window_scores(q.float(), keys.unsqueeze(0).float(), cfg.kernel_size, cfg.pooling)[0]
-                keep = int(rs.base_counts[layer, h])
+                keep = int(rs.base_counts[layer, h]) - drop
+                keep = keep if keep >= 0 else keep + rs.plan.granule
                 kept.append(recompress_head(psi, rs.ent_mod[layer, h, :n].long(), keep, cfg.window, cfg.mpa).to("cpu", torch.long))
             ev.kept.append(kept)
 
