@@ -73,7 +73,7 @@ def plot_accuracy(data: dict, out: Path, plt) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(*ylim)
     axes[-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Proxy VLM (partly trained) through vLLM, {data.get('n_per_task', '?')} prompts per task: "
+    fig.suptitle(f"Proxy VLM through vLLM, {data.get('n_per_task', '?')} prompts per task: "
                  "answers vs budget per policy")
     return _save(fig, out / "accuracy_vs_budget.png", plt)
 

@@ -4,39 +4,57 @@ of madakv_vllm/proxy_tasks.py, so eviction policies can be scored on accuracy wi
 
     .venv/bin/python scripts/train_proxy_vlm.py --rebuild-only  # models/proxy-vlm from the assets
 
-Status (read this first): the model has NOT learnt the multi-token tasks. The committed assets in
-scripts/assets/proxy_vlm/ are the partly trained model of run 2 below (its proxy_vlm.json holds
-the training log and the held-out check). What was run, CPU, 1 thread, on a shared 2-core machine:
+Status: the model solves both tasks. Held-out check (teacher forcing, full attention, rebuilt
+fp16 weights, "check" split, 24-64 images): exact match 1.00 and per-token 1.00 for the text
+needle and the image needle, on 20 samples per task (in proxy_vlm.json) and on 100 per task
+(``--rebuild-only --check-per-task 100``, run by hand). The committed assets in
+scripts/assets/proxy_vlm/ come from one run from scratch (CPU, 1 thread, 2-core machine):
 
-    # run 1, from the weights of the earlier single-token proxy (an earlier version of this
-    # script; those weights are not in the repo, so this lineage is not reproducible from it):
-    .venv/bin/python scripts/train_proxy_vlm.py --init-from /tmp/proxy_vlm_old \
-        --max-minutes 52 --cosine-minutes 12          # stopped by hand after stages 0-1 (20 min)
-    # run 2, continuing from run 1's stage-1 checkpoint, short prompts again, then the cosine stage:
-    .venv/bin/python scripts/train_proxy_vlm.py --init-from /tmp/proxy_vlm_run1_stage1 \
-        --stages 0,1,5 --max-minutes 33 --cosine-minutes 12 --check-per-task 20
+    .venv/bin/python scripts/train_proxy_vlm.py --max-minutes 80 --cosine-minutes 10 \
+        --check-per-task 20 --assets /tmp/runC --out /tmp/runC_model
+    # then copied: cp /tmp/runC/* scripts/assets/proxy_vlm/ (no stage hit the time limit:
+    # stopped_early false). Re-run with --assets /tmp/runD --out /tmp/runD_model: bit-identical
+    # weights.fp16.safetensors (same sha256), same steps and losses, 25 min on a quiet core.
 
-After ~53 min of training (2 x 900 + 2 x 300 short-prompt steps, 200 cosine steps) the copying
-(induction) needed for the text code had not formed: teacher-forced exact match on held-out
-prompts of 24-64 images was 0.00 (text, per-token 0.22) and 0.05 (image strip, per-token 0.58);
-on short prompts (2-6 images) the image strip reached ~0.5 exact, the text code 0. Induction
-heads typically appear after a plateau; more short-prompt steps (hours, not minutes, at ~1 s per
-step of 32 short prompts here), a shorter text code, or a model trained from scratch on dense
-copying data are the obvious next tries.
+It took 33 min (936 steps): induction warm-up 412 steps (850 s, token accuracy 0.95 on the
+second copy), then stages 1-5 advanced after 99, 108, 26, 47 and 44 steps (~7 min together),
+and the cosine stage ran its 200 steps (685 s); the re-run on a quiet core took 25 min
+(warm-up 467 s, cosine 641 s). The per-stage log is in proxy_vlm.json. (For
+the record, the run without warm-up listed below was by mistake still running on the second
+core for most of this run, so these timings are slower than a quiet machine's.)
+
+What made the difference is the text-only induction warm-up (stage 0, ``induction_batch``):
+``w1 .. wL <filler> w1 .. wL`` with L = 16-40 distinct words, every token of the second copy a
+target (~1,700 copying targets per step, against a few hundred answer tokens per step of task
+samples).
+The copying circuit (induction: find the previous token earlier in the context, read the one
+after it) formed within ~400 steps (token accuracy 0.01 -> 0.95), and then the tasks, which are
+copying plus "where does the code / the strip start", were learnt in a few hundred steps.
+Without the warm-up it did not form in the time available:
+
+* earlier runs (an earlier version of this script, from the weights of the single-token proxy,
+  ~53 min of training on the task samples only): held-out exact match 0.00 text (per-token
+  0.22), 0.05 image (per-token 0.58); those were the assets before this run;
+* from scratch, task samples plus the auxiliary COPY_TASK samples (this script without stage 0):
+  2,000 steps of 2-6 images (45 min) then 263 of 4-12 images: running exact match text 0.00
+  (per-token 0.31), image 0.90, copy task per-token 0.05 -- still no copying.
 
 Training from scratch (no ``--init-from``) starts from madakv_vllm.tiny_models.build_model(
 "qwen2vl", ...) with proxy_tasks.PROXY_GEOMETRY (4 layers, hidden 256, 8 query / 2 KV heads of
 32, 9 tokens per image), so the result has the tokenizer, chat template and processor vLLM needs.
 The Hugging Face Qwen2VLForConditionalGeneration is trained (vision tower included) with
-cross-entropy, teacher forcing, on ``...assistant\nAnswer: w1 ... wK``: predict ``:`` after
-``Answer`` and each answer token after the previous one. In vLLM the prompt ends with ``Answer``:
-the ``:`` comes from the prefill pass and the K answer tokens from decode steps over the compressed
-cache (see madakv_vllm/proxy_tasks.py for why the answers are multi-token). Answer lengths in
-training vary (``TRAIN_CODE_LEN``: 4-12 words, 3-5 colours), so the model must copy (match the
-previous answer token in the needle, read the next one) rather than count. Samples are drawn fresh
-at every step (the "train" split, never the eval one), through a curriculum of growing prompt
-lengths (``STAGES``); each batch draws tasks with probability rising with the task's recent error.
-A "const" stage ends when every task's exact-match accuracy (all answer tokens) over its last
+cross-entropy: stage 0 on the text-only copying sequences above, stages 1-6 with teacher forcing
+on ``...assistant\nAnswer: w1 ... wK``: predict ``:`` after ``Answer`` and each answer token
+after the previous one. In vLLM the prompt ends with ``Answer``: the ``:`` comes from the prefill
+pass and the K answer tokens from decode steps over the compressed cache (see
+madakv_vllm/proxy_tasks.py for why the answers are multi-token). Answer lengths in training vary
+(``TRAIN_CODE_LEN``: 4-12 words, 3-5 colours), so the model must copy (match the previous answer
+token in the needle, read the next one) rather than count. Besides the two eval tasks, batches
+hold a training-only ``text_copy`` task (COPY_TASK: a text needle of 8-32 words from AUX_WORDS,
+101 words, so only copying lowers its loss). Samples are drawn fresh at every step (the "train"
+split, never the eval or check ones), through a curriculum of growing prompt lengths
+(``STAGES``); each batch draws tasks with probability rising with the task's recent error. A
+"const" stage ends when every eval task's exact-match accuracy (all answer tokens) over its last
 ``--window`` training samples reaches ``--advance-acc`` (after ``min_steps``) or after
 ``max_steps``. The const stages stop at ``--max-minutes`` minus ``--cosine-minutes``; the final
 "cosine" stage (fresh optimizer, learning rate decayed to 0) then runs ``max_steps`` or until
@@ -52,7 +70,7 @@ Outputs:
 
 Deterministic: model init from ``--seed``, training samples and task draws from
 ``proxy_tasks.sample_seed`` (global step and slot), torch seeded; CPU float32, ``--threads 1``
-(two identical runs gave identical losses, stage by stage).
+(two runs of the command above gave bit-identical weights).
 """
 
 from __future__ import annotations
@@ -74,15 +92,18 @@ if str(REPO) not in sys.path:
 from madakv_vllm import proxy_tasks as pt  # noqa: E402
 
 # (n_images lo, hi, filler_prob, protected_tail, batch size, min_steps, max_steps, lr scale,
-# schedule). Prompt lengths: ~50-90, ~100-250, ~200-600, ~400-950, ~600-1400, ~300-1400 tokens.
-# Retrieval is learnt on the short prompts (attention is diluted over few tokens, so gradients
-# are strong); stage 4 is the eval distribution (24-64 images, proxy_tasks defaults).
-# "const" stages (after the global warmup) end early once every task's running accuracy reaches
-# --advance-acc; the "cosine" stage (consolidation: a fresh optimizer, 10 warmup steps, then the
-# learning rate decays to 0) always runs all its steps (in the single-token version of this proxy
-# it lifted the model off an ~80-85% plateau).
+# schedule). Stage 0 ("induction") is a text-only warm-up whose (lo, hi) are sequence lengths,
+# not images (see induction_batch); it ends when the token accuracy over its last 20 steps
+# reaches --advance-acc. Prompt lengths of stages 1-6: ~50-90, ~100-250, ~200-600, ~400-950,
+# ~600-1400, ~300-1400 tokens. Retrieval is learnt on the short prompts (attention is diluted
+# over few tokens, so gradients are strong); stage 5 is the eval distribution (24-64 images,
+# proxy_tasks defaults). "const" stages (after the global warmup) end early once every eval
+# task's running accuracy reaches --advance-acc; the "cosine" stage (consolidation: a fresh
+# optimizer, 10 warmup steps, then the learning rate decays to 0) always runs all its steps
+# unless --max-minutes runs out first.
 STAGES = [
-    (2, 6, 0.3, 0, 32, 40, 900, 1.0, "const"),
+    (16, 40, 0.0, 0, 64, 100, 1500, 1.0, "induction"),
+    (2, 6, 0.3, 0, 32, 40, 2000, 1.0, "const"),
     (4, 12, 0.7, 1, 16, 20, 300, 1.0, "const"),
     (8, 24, 0.7, pt.PROTECTED_TAIL, 16, 20, 250, 0.6, "const"),
     (16, 40, 0.7, pt.PROTECTED_TAIL, 8, 20, 200, 0.4, "const"),
@@ -93,7 +114,97 @@ EVAL_IMAGES = (24, 64)
 #: Answer lengths drawn in training (inclusive; eval uses proxy_tasks.CODE_LEN: 6 and 4). Longer
 #: codes give more copying (induction) targets per sample, which is what makes the later answer
 #: tokens depend on the needle in the cache; a fixed length would also let the model count.
-TRAIN_CODE_LEN = {"text_needle": (4, 12), "image_needle": (3, 5)}
+TRAIN_CODE_LEN = {"text_needle": (4, 12), "image_needle": (3, 5), "text_copy": (8, 32)}
+#: Training-only auxiliary task (on by default; ``--no-copy-task`` turns it off): a text needle
+#: whose code is drawn from AUX_WORDS (101 single tokens of the proxy tokenizer that never occur
+#: in filler text, secret or colour words, the questions or the chat template). With 12 secret
+#: words and distinct answers a model can lower its loss without copying (by ruling out the words
+#: it already produced), which is a plateau; with 101 words only copying (induction: find the
+#: previous answer token in the needle, read the token after it) lowers it. On its own (without
+#: the induction warm-up of STAGES[0]) it did not make copying form (see the module docstring).
+#: Never used in the eval / check splits.
+COPY_TASK = "text_copy"
+AUX_WORDS: tuple[str, ...] = tuple(
+    "tok token that not wit one wor man sma say sam answer gre its white train words same "
+    "question test tab tiny sat wal wind par has from lar does buil budget vocab this three two "
+    "says umb und ten tri they she sure squ bir can cor cas cac cir wom writ pat pot prom past "
+    "mat mach moun describ object his for fir four numb eight off her heads gir yell but read "
+    "short val vill below your more see step chang close clouds keep weights bigger windows "
+    "built mostly umbrell triangle square correct circle prompt machine reading closed".split()
+)
+
+
+def make_train_sample(task: str, seed: int, n_images: int, filler_prob: float, tail: int, code_len: int):
+    """A training sample: ``proxy_tasks.make_sample`` for the eval tasks; for COPY_TASK a text
+    needle sample whose code (``code_len`` distinct words) is drawn from AUX_WORDS instead."""
+    if task != COPY_TASK:
+        return pt.make_sample(task, seed, n_images, filler_prob, tail, code_len=code_len)
+    s = pt.make_sample("text_needle", seed, n_images, filler_prob, tail, code_len=1)
+    words = tuple(random.Random(seed ^ 0xC0DE).sample(AUX_WORDS, code_len))
+    s.parts[s.needle_part] = pt.NEEDLE_TEMPLATE.format(value=" ".join(words)) + " "
+    s.task, s.answer = COPY_TASK, words
+    s.meta["code_len"] = code_len
+    return s
+
+
+#: Vocabulary of the induction warm-up sequences: the auxiliary words plus the answer words of both
+#: tasks, so the copying circuit works on the tokens the eval answers use.
+INDUCTION_WORDS: tuple[str, ...] = AUX_WORDS + pt.SECRET_WORDS + tuple(pt.COLOURS)
+
+
+def induction_batch(tokenizer, step: int, bs: int, seq_len: tuple[int, int], seed: int):
+    """Text-only warm-up batch (schedule "induction"): ``user\n w1 .. wL <filler> w1 .. wL``,
+    L distinct words from INDUCTION_WORDS, 0-3 filler sentences between the two copies; every
+    token of the second copy after its first is a target (dense copying targets: ~L per sample
+    instead of the K answer tokens of a task sample). Returns input_ids, attention_mask, labels
+    (left-padded, labels -100 outside the targets)."""
+    import torch
+
+    word_id = {}
+    for w in INDUCTION_WORDS:
+        ids = tokenizer.encode(" " + w, add_special_tokens=False)
+        assert len(ids) == 1, w
+        word_id[w] = ids[0]
+    prefix = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
+    rows, labs = [], []
+    for j in range(bs):
+        rng = random.Random(pt.sample_seed("induction", "", step * 128 + j, seed))
+        seq = [word_id[w] for w in rng.sample(INDUCTION_WORDS, rng.randint(*seq_len))]
+        mid = tokenizer.encode(" " + "".join(pt._filler(rng) for _ in range(rng.randint(0, 3))).rstrip(),
+                               add_special_tokens=False) if rng.random() < 0.8 else []
+        ids = prefix + seq + mid + seq
+        lab = [-100] * len(ids)
+        start = len(prefix) + len(seq) + len(mid)  # first token of the second copy
+        for i in range(start, len(ids) - 1):
+            lab[i] = ids[i + 1]  # the logit at position i predicts token i + 1
+        rows.append(ids)
+        labs.append(lab)
+    n = max(map(len, rows))
+    input_ids = torch.full((bs, n), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((bs, n), dtype=torch.long)
+    labels = torch.full((bs, n), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(zip(rows, labs)):
+        input_ids[i, n - len(x):] = torch.tensor(x)
+        mask[i, n - len(x):] = 1
+        labels[i, n - len(y):] = torch.tensor(y)
+    return input_ids, mask, labels
+
+
+def train_labels(batcher, samples):
+    """``HFBatcher.labels`` for any single-token answer words (COPY_TASK included)."""
+    import torch
+
+    tok = batcher.tokenizer
+    width = 1 + max(len(s.answer) for s in samples)
+    out = torch.full((len(samples), width), -100, dtype=torch.long)
+    for i, s in enumerate(samples):
+        y = [batcher.sep_id]
+        for w in s.answer:
+            ids = tok.encode(" " + w, add_special_tokens=False)
+            assert len(ids) == 1, w
+            y.append(ids[0])
+        out[i, width - len(y):] = torch.tensor(y)
+    return out
 
 
 def parse_args(argv=None):
@@ -118,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--rebuild-only", action="store_true", help="only rebuild --out from --assets")
     p.add_argument("--stages", default="all",
                    help="stages to run: 'all' or comma-separated indices, e.g. '5' (with --init-from)")
+    p.add_argument("--no-copy-task", dest="copy_task", action="store_false",
+                   help="train on the eval tasks only (no auxiliary COPY_TASK samples)")
     p.add_argument("--init-from", type=Path,
                    help="start from the trained weights in this assets dir (e.g. a copy of "
                         "scripts/assets/proxy_vlm after stages 0-4) instead of the random init")
@@ -206,6 +319,7 @@ def train(args) -> dict:
             "tasks": list(pt.TASKS),
             "code_len": pt.CODE_LEN,
             "train_code_len": TRAIN_CODE_LEN,
+            "train_tasks": list(train_tasks),
             "geometry": pt.PROXY_GEOMETRY,
             "num_parameters": n_params,
             "training": {
@@ -233,30 +347,73 @@ def train(args) -> dict:
     step = int(prior["training"]["steps"]) if prior is not None else 0
     log = []
     stopped_early = False
+    train_tasks = pt.TASKS + ((COPY_TASK,) if args.copy_task else ())
     for si in stages:
         lo, hi, filler_prob, tail, bs, min_steps, max_steps, lr_scale, schedule = STAGES[si]
         if schedule == "cosine":
             opt = new_optimizer()  # same state whether this stage runs in one go or resumed
             t_cos = time.time()
             cos_seconds = max(60.0, deadline - t_cos)
-        recent = {t: deque(maxlen=args.window) for t in pt.TASKS}
+        if schedule == "induction":
+            # (lo, hi) = sequence lengths; ends when the running token accuracy of the last
+            # 20 steps reaches --advance-acc (after min_steps) or after max_steps / the deadline.
+            recent_ind = deque(maxlen=20)
+            bar = tqdm(range(max_steps), desc=f"stage {si} (induction warm-up, L {lo}-{hi}, batch {bs})",
+                       mininterval=5)
+            stage_steps = 0
+            t_stage = time.time()
+            for k in bar:
+                lr = args.lr * lr_scale * min(1.0, (step + 1) / args.warmup)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                input_ids, mask, labels = induction_batch(batcher.tokenizer, step, bs, (lo, hi), args.seed)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                         ignore_index=-100)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sel = labels != -100
+                recent_ind.append(float((logits.detach().argmax(-1)[sel] == labels[sel]).float().mean()))
+                step += 1
+                stage_steps += 1
+                tok_acc = sum(recent_ind) / len(recent_ind)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok=f"{tok_acc:.3f}", len=input_ids.shape[1])
+                if stage_steps >= min_steps and len(recent_ind) == 20 and tok_acc >= args.advance_acc:
+                    break
+                if time.time() > const_deadline:
+                    stopped_early = True
+                    break
+            bar.close()
+            entry = {"stage": si, "schedule": schedule, "lr_scale": lr_scale, "seq_len": [lo, hi],
+                     "batch": bs, "steps": stage_steps, "seconds": round(time.time() - t_stage, 1),
+                     "last_loss": round(loss.item(), 4), "running_token_acc": round(tok_acc, 3)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+            save_assets(False)
+            if stopped_early:
+                break
+            continue
+        recent = {t: deque(maxlen=args.window) for t in train_tasks}
+        recent_tok = {t: deque(maxlen=args.window) for t in train_tasks}
         bar = tqdm(range(max_steps), desc=f"stage {si} ({lo}-{hi} images, batch {bs})", mininterval=5)
         stage_steps = 0
         t_stage = time.time()
         for k in bar:
             # Harder tasks get more of the batch: P(task) ~ 0.2 + (1 - running accuracy).
             accs = {t: (sum(v) / len(v) if v else 0.0) for t, v in recent.items()}
-            weights = [0.2 + 1.0 - accs[t] for t in pt.TASKS]
+            weights = [0.2 + 1.0 - accs[t] for t in train_tasks]
             rng = random.Random(pt.sample_seed("train-tasks", "", step, args.seed))
             samples = []
             for j in range(bs):
-                task = rng.choices(pt.TASKS, weights)[0]
+                task = rng.choices(train_tasks, weights)[0]
                 seed = pt.sample_seed("train", task, step * 64 + j, args.seed)
                 srng = random.Random(seed ^ 0x5EED)
                 n = srng.randint(lo, hi)
                 kk = srng.randint(*TRAIN_CODE_LEN[task])
                 n = max(n, (kk if task == "image_needle" else 1) + tail + 1)
-                samples.append(pt.make_sample(task, seed, n, filler_prob, tail, code_len=kk))
+                samples.append(make_train_sample(task, seed, n, filler_prob, tail, kk))
             if schedule == "cosine":
                 # progress: by steps, or by the time left when that runs out first
                 progress = max(k / max_steps, (time.time() - t_cos) / cos_seconds)
@@ -268,7 +425,7 @@ def train(args) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             inputs = batcher(samples)
-            labels = batcher.labels(samples)
+            labels = train_labels(batcher, samples)
             logits = model(**inputs, logits_to_keep=labels.shape[1] + 1).logits  # [B, L + 1, V]
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
                                                      ignore_index=-100)
@@ -276,16 +433,19 @@ def train(args) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            exact, _ = per_sample_hits(logits.detach(), labels)
-            for s, e in zip(samples, exact):
+            exact, tok = per_sample_hits(logits.detach(), labels)
+            for s, e, t in zip(samples, exact, tok):
                 recent[s.task].append(int(e))
+                recent_tok[s.task].append(t)
             step += 1
             stage_steps += 1
             accs = {t: (sum(v) / len(v) if v else 0.0) for t, v in recent.items()}
-            bar.set_postfix(loss=f"{loss.item():.3f}", len=inputs["input_ids"].shape[1],
-                            **{t[:4]: f"{a:.2f}" for t, a in accs.items()})
-            full = all(len(v) == args.window for v in recent.values())
-            if schedule == "const" and stage_steps >= min_steps and full and min(accs.values()) >= args.advance_acc:
+            tok_accs = {t: (sum(v) / len(v) if v else 0.0) for t, v in recent_tok.items()}
+            bar.set_postfix(tok=",".join(f"{a:.2f}" for a in tok_accs.values()),loss=f"{loss.item():.3f}", len=inputs["input_ids"].shape[1],
+                            **{("copy" if t == COPY_TASK else t[:4]): f"{a:.2f}" for t, a in accs.items()})
+            full = all(len(recent[t]) == args.window for t in pt.TASKS)
+            if (schedule == "const" and stage_steps >= min_steps and full
+                    and min(accs[t] for t in pt.TASKS) >= args.advance_acc):
                 break
             if time.time() > (const_deadline if schedule == "const" else deadline):
                 stopped_early = True
@@ -293,7 +453,8 @@ def train(args) -> dict:
         bar.close()
         entry = {"stage": si, "schedule": schedule, "lr_scale": lr_scale, "images": [lo, hi], "filler_prob": filler_prob, "protected_tail": tail, "batch": bs, "steps": stage_steps,
                  "seconds": round(time.time() - t_stage, 1), "last_loss": round(loss.item(), 4),
-                 "running_acc": {t: round(a, 3) for t, a in accs.items()}}
+                 "running_acc": {t: round(a, 3) for t, a in accs.items()},
+                 "running_token_acc": {t: round(a, 3) for t, a in tok_accs.items()}}
         log.append(entry)
         print(json.dumps(entry), flush=True)
         save_assets(False)
