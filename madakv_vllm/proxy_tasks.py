@@ -10,6 +10,11 @@ each eviction policy changes its answers. The tasks are modelled on MileBench's 
   and filler sentences; answer: the 6 words in order (12 possible words, one token each).
 * ``image_needle`` -- a strip of :data:`CODE_LEN` ``["image_needle"]`` (4) adjacent coloured
   images (distinct colours) among many grey ones; answer: their colours in order (5 colours).
+* ``comparison``   -- a multi-image comparison (after MileBench's): two coloured images, not
+  adjacent, at random depths among many grey ones; answer (:data:`CODE_LEN` ``["comparison"]``,
+  3 tokens): the colour of the first, the colour of the second, then ``same`` or ``not``
+  (:data:`SAME` / :data:`NOT_SAME`; the two colours are equal half of the time). " different",
+  " yes" and " no" are several tokens in the proxy tokenizer, " same" and " not" one each.
 
 Why multi-token answers. In vLLM the policies evict *after* the prompt is fully prefilled, and
 the prefill pass runs full attention. A model answering with one token right after the prompt
@@ -27,15 +32,27 @@ the whole code and per-token accuracy.
 
 A two-image "same colour or not" comparison task existed in the single-token version; it was
 dropped: its answer is one bit, which the prefill pass always computes into the window, so it
-cannot measure eviction in this setting.
+cannot measure eviction in this setting. ``comparison`` brings it back with a multi-token answer:
+the first colour comes from the decode step after ``:`` (which can still be precomputed in the
+window), the second colour must be read from the second coloured image in the cache. The
+verdict token could in principle be computed from the two colour tokens just generated (they
+are in the cache's recent tail); whether the trained model does so was not measured.
 
-Status: the trained proxy solves both tasks (scripts/train_proxy_vlm.py: 33 min of CPU training
-from scratch, with a text-only copying warm-up that makes induction form). Held-out check
-(Hugging Face, teacher forcing, 24-64 images, "check" split): exact match 1.00 and per-token 1.00
-on both tasks (100 samples per task); through vLLM with the full cache (scripts/eval_proxy.py,
-40 "eval" prompts per task) exact match 1.00 on both. Under eviction the answers degrade with
-the budget and differ by policy (e.g. mean exact match at budget 0.2: SnapKV 0.46, PyramidKV
-0.55, MadaKV 0.59, StreamingLLM 0.06, H2O 0.08), so the proxy ranks policies by accuracy.
+Status: the trained proxy solves all three tasks. The two-task model (scripts/train_proxy_vlm.py:
+33 min of CPU training from scratch, with a text-only copying warm-up that makes induction form)
+was fine-tuned for 20 min with ``comparison`` added (``--init-from``, stages 1-6, see that
+script). Held-out check (Hugging Face, teacher forcing, 24-64 images, "check" split, 40 samples
+per task): exact match 1.00 and per-token 1.00 on all three tasks. Through vLLM with the full
+cache (scripts/eval_proxy.py --n-per-task 40, "eval" split, 348 s): exact match 1.00 text
+needle, 1.00 image needle, 0.975 comparison (39/40). Under eviction the answers degrade with
+the budget and differ by policy; mean exact match over the three tasks at budget 0.2: SnapKV
+0.47, PyramidKV 0.54, AdaKV 0.48, MadaKV 0.52, MadaKV-MPA 0.53, StreamingLLM 0.08, H2O 0.22,
+LOOK-M 0.05; at 0.5: PyramidKV 0.92, MadaKV-MPA 0.86, SnapKV 0.83, MadaKV 0.56. The fine-tune
+changed the two old tasks' behaviour under eviction (with the two-task model, budget 0.2:
+SnapKV 0.46, PyramidKV 0.55, MadaKV 0.59). The comparison is the easiest task under eviction
+(H2O 0.63 exact at 0.2 against 0.00 text / 0.03 image; only 2 of its 3 answer tokens come
+from the cache, and two small images are cheaper to keep than a 6-word code or a 4-image strip;
+not analysed further).
 Results and commands: docs/data/proxy-eval.json, docs/plots/accuracy_vs_budget.png.
 
 Every prompt has the same background: ``n_images`` grey distractor images (grey level x pattern),
@@ -64,7 +81,9 @@ __all__ = [
     "COLOURS",
     "IMAGE_SIZE",
     "MAX_CODE_LEN",
+    "NOT_SAME",
     "PROTECTED_TAIL",
+    "SAME",
     "SECRET_WORDS",
     "TASKS",
     "TOKENS_PER_IMAGE",
@@ -81,9 +100,9 @@ __all__ = [
     "vllm_prompt",
 ]
 
-TASKS: tuple[str, ...] = ("text_needle", "image_needle")
+TASKS: tuple[str, ...] = ("text_needle", "image_needle", "comparison")
 #: Answer length (tokens after ``:``) per task.
-CODE_LEN: dict[str, int] = {"text_needle": 6, "image_needle": 4}
+CODE_LEN: dict[str, int] = {"text_needle": 6, "image_needle": 4, "comparison": 3}
 MAX_CODE_LEN = max(CODE_LEN.values())
 
 IMAGE_SIZE = 84  # pixels: 6 x 6 patches of 14 -> 3 x 3 merged tokens
@@ -107,15 +126,21 @@ SECRET_WORDS: tuple[str, ...] = (
     "ball", "bird", "book", "bus", "car", "cat", "clock", "dog", "door", "horse", "house", "tree",
 )
 
+#: Verdict words of the comparison task (single tokens with a leading space in the proxy
+#: tokenizer; " different", " yes" and " no" are not): "same" colour or "not".
+SAME, NOT_SAME = "same", "not"
+
 #: The vocabulary each task's answer tokens are drawn from.
 ANSWERS: dict[str, tuple[str, ...]] = {
     "text_needle": SECRET_WORDS,
     "image_needle": tuple(COLOURS),
+    "comparison": tuple(COLOURS) + (SAME, NOT_SAME),
 }
 
 QUESTIONS = {
     "text_needle": "What is the secret code?",
     "image_needle": "Some images have colour. What are their colours?",
+    "comparison": "Two images have colour. Name their colours, then compare them.",
 }
 
 # Filler vocabulary: no secret word, no colour word, no answer word.
@@ -191,9 +216,10 @@ def _coloured(rng: random.Random, colour: str) -> ImageSpec:
 class Sample:
     """One prompt. ``parts``: strings and :class:`ImageSpec` in prompt order; ``answer``: the
     answer words in order (the model's target tokens are ``" " + word`` each, after ``:``);
-    ``needle_slots``: indices into the image list of the coloured strip (image needle) or, for
-    the text needle, the index of the image the needle sentence precedes; ``needle_part``: index
-    into ``parts`` of the needle sentence (text needle) or of the first strip image."""
+    ``needle_slots``: indices into the image list of the coloured strip (image needle), of the
+    two coloured images (comparison) or, for the text needle, the index of the image the needle
+    sentence precedes; ``needle_part``: index into ``parts`` of the needle sentence (text
+    needle) or of the first coloured image."""
 
     task: str
     seed: int
@@ -225,7 +251,15 @@ def _filler(rng: random.Random) -> str:
 def needle_images(task: str) -> int:
     """Image slots the needle occupies (the strip of the image needle; 1 for the text needle,
     whose sentence precedes one image)."""
-    return CODE_LEN[task] if task == "image_needle" else 1
+    return CODE_LEN[task] if task == "image_needle" else 2 if task == "comparison" else 1
+
+
+def needle_room(task: str, code_len: int | None = None) -> int:
+    """Image slots before the protected tail a sample of ``task`` needs: the strip (image needle),
+    3 (comparison: two coloured images with at least one grey image between them) or 1."""
+    if task == "image_needle":
+        return CODE_LEN[task] if code_len is None else code_len
+    return 3 if task == "comparison" else 1
 
 
 def make_sample(task: str, seed: int, n_images: int, filler_prob: float = 0.7,
@@ -233,25 +267,43 @@ def make_sample(task: str, seed: int, n_images: int, filler_prob: float = 0.7,
     """A deterministic sample of ``task`` with ``n_images`` images; needles go into the first
     ``n_images - protected_tail`` slots (which must leave room for them: ``needle_images(task)``).
     The defaults are the eval distribution; training curricula may start shorter and use other
-    answer lengths (``code_len``, default ``CODE_LEN[task]``; at most the task's vocabulary). The
-    image strip has no filler text between its images."""
+    answer lengths (``code_len``, default ``CODE_LEN[task]``; at most the task's vocabulary;
+    always 3 for ``comparison``). The image strip has no filler text between its images. The
+    two existing tasks draw exactly what they drew before ``comparison`` was added."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     k = CODE_LEN[task] if code_len is None else code_len
+    if task == "comparison" and k != CODE_LEN[task]:
+        raise ValueError(f"comparison: code_len must be {CODE_LEN[task]}, got {k}")
     if not 1 <= k <= len(ANSWERS[task]):
         raise ValueError(f"{task}: code_len must be in [1, {len(ANSWERS[task])}], got {k}")
-    need = k if task == "image_needle" else 1
+    need = needle_room(task, k)
     if protected_tail < 0 or n_images - protected_tail < need:
         raise ValueError(f"{task}: need n_images - protected_tail >= {need}, got {n_images} - {protected_tail}")
     rng = random.Random(seed)
     images = [_grey(rng) for _ in range(n_images)]
     fillers = [_filler(rng) if rng.random() < filler_prob else "" for _ in range(n_images)]
     free = n_images - protected_tail  # needles go into slots [0, free)
-    answer = tuple(rng.sample(ANSWERS[task], k))  # distinct, in order
-    start = rng.randrange(free - need + 1)
-    slots = tuple(range(start, start + need))
+    if task == "comparison":
+        # two coloured images, not adjacent, at random depths; same colour with probability 1/2
+        colours = tuple(COLOURS)
+        first = rng.choice(colours)
+        second = first if rng.random() < 0.5 else rng.choice([c for c in colours if c != first])
+        answer = (first, second, SAME if first == second else NOT_SAME)
+        while True:
+            a, b = sorted(rng.sample(range(free), 2))
+            if b - a >= 2:
+                break
+        slots = (a, b)
+    else:
+        answer = tuple(rng.sample(ANSWERS[task], k))  # distinct, in order
+        start = rng.randrange(free - need + 1)
+        slots = tuple(range(start, start + need))
     needle_text = None
-    if task == "text_needle":
+    if task == "comparison":
+        for s, colour in zip(slots, answer):
+            images[s] = _coloured(rng, colour)
+    elif task == "text_needle":
         needle_text = NEEDLE_TEMPLATE.format(value=" ".join(answer)) + " "
     else:
         for s, colour in zip(slots, answer):
@@ -353,7 +405,7 @@ def target_token_ids(sample: Sample, tokenizer) -> list[int]:
 def needle_token_positions(sample: Sample, tokenizer, kind: str = "qwen2vl",
                            tokens_per_image: int = TOKENS_PER_IMAGE) -> list[int]:
     """Token positions of the needle: the K code tokens of the text needle, or the image
-    placeholder tokens of the coloured strip."""
+    placeholder tokens of the coloured strip / the two coloured images (comparison)."""
     ids = prompt_token_ids(sample, tokenizer, kind, tokens_per_image)
     if sample.task == "text_needle":
         values = set(answer_token_ids(tokenizer, sample.task)[w] for w in sample.answer)

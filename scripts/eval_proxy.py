@@ -10,11 +10,12 @@ than page-aligned budgets: ``page_aligned: false``, see docs/integration.md); ea
 carries its policy and budget in ``SamplingParams.extra_args``. Held-out set: ``--n-per-task``
 samples of each task from the "eval" split (24-64 images, ~600-1400 prompt tokens), never seen in
 training. Prompts end with ``Answer``; every request generates K + 1 tokens greedily (K = 6 for the
-text needle, 4 for the image needle) -- ``:``, which the prefill pass computes over the full prompt
-(before eviction), then the K answer tokens, each from a decode step over the compressed cache --
-with the log-probabilities of the whole vocabulary. (A single-token answer measures no eviction:
-the prefill pass computes it into the observation window every policy keeps, so every policy tied
-with full cache; see madakv_vllm/proxy_tasks.py.) For each policy x budget x task:
+text needle, 4 for the image needle, 3 for the comparison) -- ``:``, which the prefill pass
+computes over the full prompt (before eviction), then the K answer tokens, each from a decode
+step over the compressed cache -- with the log-probabilities of the whole vocabulary. (A
+single-token answer measures no eviction: the prefill pass computes it into the observation
+window every policy keeps, so every policy tied with full cache; see
+madakv_vllm/proxy_tasks.py.) For each policy x budget x task:
 
 * ``acc``      -- exact match of the whole K-token answer;
 * ``tok``      -- per-token accuracy of the K answer tokens (position by position);
@@ -319,7 +320,7 @@ def main(argv=None) -> None:
 
 def print_table(table) -> None:
     tasks = pt.TASKS
-    short = {"text_needle": "TN", "image_needle": "IN"}
+    short = {"text_needle": "TN", "image_needle": "IN", "comparison": "CMP"}
     head = (f"{'policy':<13}{'budget':>7} | " + " ".join(f"{'acc ' + short[t]:>7}" for t in tasks)
             + f" {'mean':>6} | " + " ".join(f"{'tok ' + short[t]:>7}" for t in tasks)
             + f" {'rest':>6} | {'agree':>6} {'|dlogp|':>8} {'KL':>7} | {'mass':>6} {'out':>6} {'needle':>7}"
@@ -335,7 +336,8 @@ def print_table(table) -> None:
               + f" {avg('tok_rest'):>6.3f} | {avg('agree'):>6.3f} {avg('dlogp'):>8.4f} {avg('kl'):>7.4f} | "
               + f"{avg('mass'):>6.3f} {avg('mass_outside'):>6.3f} {avg('needle_kept'):>7.3f}"
               + f" | {avg('sep_ok'):>4.2f}")
-    print("acc: exact match of the whole answer (TN text needle, 6 words; IN image needle, 4 colours); "
+    print("acc: exact match of the whole answer (TN text needle, 6 words; IN image needle, 4 colours; "
+          "CMP comparison, 2 colours + same/not); "
           "tok: per-token accuracy; rest: answer tokens 2..K (read from the cache at decode); "
           "agree/|dlogp|/KL: vs full cache, over answer steps with the full-cache prefix; mass: "
           "observation-window attention on kept tokens (out: before the window); needle: needle "

@@ -66,8 +66,9 @@ def test_needles_and_answers(task):
     for i in range(40):
         n = 8 + i % 30
         s = pt.make_sample(task, pt.sample_seed("unit", task, i), n)
-        assert len(s.answer) == k and len(set(s.answer)) == k
-        assert set(s.answer) <= set(pt.ANSWERS[task])
+        assert len(s.answer) == k and set(s.answer) <= set(pt.ANSWERS[task])
+        if task != "comparison":
+            assert len(set(s.answer)) == k  # distinct words
         assert len(s.images) == n
         assert all(0 <= j < n - pt.PROTECTED_TAIL for j in s.needle_slots)
         assert s.parts[-1] == "\n" + pt.QUESTIONS[task]
@@ -80,6 +81,14 @@ def test_needles_and_answers(task):
             assert before == s.needle_slots[0]
             text = "".join(p for p in s.parts if isinstance(p, str))
             assert all(text.count(" " + w) == 1 for w in s.answer)  # the code appears nowhere else
+        elif task == "comparison":
+            # two coloured images, not adjacent; answer: their colours in order, then the verdict
+            assert tuple(coloured) == s.needle_slots and len(coloured) == 2
+            assert s.needle_slots[1] - s.needle_slots[0] >= 2
+            assert s.parts[s.needle_part] is s.images[s.needle_slots[0]]
+            assert tuple(s.images[j].colour for j in coloured) == s.answer[:2]
+            assert s.answer[2] == (pt.SAME if s.answer[0] == s.answer[1] else pt.NOT_SAME)
+            assert s.answer[0] in pt.COLOURS and s.answer[1] in pt.COLOURS
         else:
             # a contiguous strip of K coloured images (no text between them), colours in order
             assert tuple(coloured) == s.needle_slots == tuple(range(s.needle_slots[0], s.needle_slots[0] + k))
@@ -97,10 +106,15 @@ def test_answer_balance():
     ds = pt.make_dataset(pt.TASKS, 120, EVAL_IMAGES, split="eval")
     for task in pt.TASKS:
         first = Counter(s.answer[0] for s in ds if s.task == task)
-        assert set(first) == set(pt.ANSWERS[task])  # every word can come first (uniform draws)
+        first_words = pt.COLOURS if task == "comparison" else pt.ANSWERS[task]
+        assert set(first) == set(first_words)  # every word can come first (uniform draws)
         assert max(first.values()) / 120 < 0.4
         words = Counter(w for s in ds if s.task == task for w in s.answer)
         assert set(words) == set(pt.ANSWERS[task])
+    verdicts = Counter(s.answer[2] for s in ds if s.task == "comparison")
+    assert min(verdicts.values()) / 120 > 0.35  # "same" about half the time
+    gaps = [s.needle_slots[1] - s.needle_slots[0] for s in ds if s.task == "comparison"]
+    assert min(gaps) >= 2 and max(gaps) > 20  # far apart, at random depths
     depth = [s.needle_slots[0] / s.n_images for s in ds]
     assert min(depth) < 0.1 and max(depth) > 0.75  # needles at every depth
 
@@ -115,11 +129,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         pt.make_sample("image_needle", 0, 30, code_len=len(pt.COLOURS) + 1)  # colours are distinct
     assert len(pt.make_sample("text_needle", 0, 30, code_len=12).answer) == 12  # training lengths
+    with pytest.raises(ValueError):
+        pt.make_sample("comparison", 0, 30, code_len=2)  # always 2 colours + verdict
+    with pytest.raises(ValueError):
+        pt.make_sample("comparison", 0, 2, protected_tail=0)  # needs a gap between the images
+    assert pt.make_sample("comparison", 0, 3, protected_tail=0).needle_slots == (0, 2)
 
 
 def test_answers_are_single_tokens(tokenizer):
     ids = pt.answer_token_ids(tokenizer)
-    assert len(set(ids.values())) == len(ids) == sum(len(v) for v in pt.ANSWERS.values())
+    words = {w for v in pt.ANSWERS.values() for w in v}  # comparison reuses the colours
+    assert len(set(ids.values())) == len(ids) == len(words)
     s = pt.make_sample("text_needle", 3, 30)
     assert pt.target_token_ids(s, tokenizer) == [pt.sep_token_id(tokenizer)] + [ids[w] for w in s.answer]
 
@@ -140,7 +160,7 @@ def test_lengths_and_positions(tokenizer):
             assert pos == list(range(pos[0], pos[0] + len(pos)))  # the code is contiguous
         else:
             img = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-            assert len(pos) == pt.TOKENS_PER_IMAGE * pt.CODE_LEN[s.task]
+            assert len(pos) == pt.TOKENS_PER_IMAGE * pt.needle_images(s.task)
             assert all(ids[p] == img for p in pos)
         assert tokenizer.decode(ids[-8:]).endswith("assistant\nAnswer")
         assert pt.prompt_token_ids(s, tokenizer, with_answer=True) == ids + pt.target_token_ids(s, tokenizer)
