@@ -75,6 +75,7 @@ def aligned_pages(budget: int, offset: int, forced: int, block_size: int) -> int
     rounded to nearest, at most ALIGN_SLACK x budget, and at least the ``forced`` tokens."""
     nearest = int(math.floor((budget - offset) / block_size + 0.5))
     most = int(math.floor((ALIGN_SLACK * budget - offset) / block_size + 1e-9))
+    # 0: the tail page alone may hold the whole budget (nearest/most go negative when budget < offset)
     return max(cdiv(max(forced - offset, 0), block_size), 0, min(nearest, most))
 
 
