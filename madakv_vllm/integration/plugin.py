@@ -43,6 +43,7 @@ def register() -> None:
         logger.warning("madakv-vllm was checked against vLLM %s.x; found %s", VLLM_MINOR, vllm.__version__)
     _register_backend_enum()
     _patch_platforms()
+    _patch_runner_choice()
     _patch_input_validation()
     # Registers the KV cache spec -> manager mapping (scheduler side) at import.
     import madakv_vllm.integration.kv_manager  # noqa: F401
@@ -109,15 +110,17 @@ def _wrap_platform(platform_cls, backend_path) -> None:
             path = backend_path()
             if path is None:
                 raise ValueError(CUDA_UNSUPPORTED)
-            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
-                raise ValueError("--attention-backend madakv supports standard (non-MLA, dense) attention only")
+            validate_backend(path, attn_selector_config, cls.get_device_capability())
             return path
         return orig_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
 
     @functools.wraps(orig_check)
     def check_and_update_config(cls, vllm_config) -> None:
-        if backend_path() is None and selected_in(vllm_config):
-            raise ValueError(CUDA_UNSUPPORTED)
+        if selected_in(vllm_config):
+            if backend_path() is None:
+                raise ValueError(CUDA_UNSUPPORTED)
+            if vllm_config.use_v2_model_runner:
+                raise ValueError(V2_RUNNER_UNSUPPORTED)
         orig_check(cls, vllm_config)
         if selected_in(vllm_config):
             configure_engine(vllm_config)
@@ -125,6 +128,49 @@ def _wrap_platform(platform_cls, backend_path) -> None:
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
     platform_cls._madakv_patched = True
+
+
+def validate_backend(path: str, attn_selector_config, device_capability) -> None:
+    """vLLM's own capability check of the backend at ``path``, as stock selection runs it for a
+    selected backend (CudaPlatformBase.get_attn_backend_cls): fails at startup, not in a kernel."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    backend_cls = resolve_obj_by_qualname(path)
+    reasons = backend_cls.validate_configuration(device_capability=device_capability, **attn_selector_config._asdict())
+    if reasons:
+        raise ValueError(f"--attention-backend madakv is not valid for this configuration ({attn_selector_config!r}): "
+                         + "; ".join(reasons))
+
+
+# --- which model runner --------------------------------------------------------
+
+V2_RUNNER_UNSUPPORTED_FEATURE = "the madakv attention backend (its worker hook is on the V1 runner)"
+V2_RUNNER_UNSUPPORTED = (
+    "--attention-backend madakv needs vLLM's V1 model runner: the scheduler frees evicted KV pages "
+    "and only the V1 runner's hook compacts them. Unset VLLM_USE_V2_MODEL_RUNNER=1 (and features "
+    "that require Model Runner V2, such as HiSparse or watermarking)"
+)
+
+
+def _patch_runner_choice() -> None:
+    """On CUDA vLLM 0.32 picks Model Runner V2 whenever Triton is present. Listing madakv among
+    V2's unsupported features makes vLLM itself choose V1 (and log why); an explicit
+    VLLM_USE_V2_MODEL_RUNNER=1 is refused in check_and_update_config."""
+    from vllm.config import VllmConfig
+
+    if getattr(VllmConfig, "_madakv_patched", False):
+        return
+    orig = VllmConfig._get_v2_model_runner_unsupported_features
+
+    @functools.wraps(orig)
+    def _get_v2_model_runner_unsupported_features(self) -> list[str]:
+        unsupported = orig(self)
+        if selected_in(self):
+            unsupported.append(V2_RUNNER_UNSUPPORTED_FEATURE)
+        return unsupported
+
+    VllmConfig._get_v2_model_runner_unsupported_features = _get_v2_model_runner_unsupported_features
+    VllmConfig._madakv_patched = True
 
 
 DEFAULT_BLOCK_SIZE = 32
