@@ -40,8 +40,12 @@ class MadaKVConfig(BaseModel):
     min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
     mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
     hcc: bool = Field(True, description="MadaKV: hierarchical compression compensation on/off (ablation)")
+    hcc_mode: Literal["streamed", "global", "layer"] = Field(
+        "streamed", description="HCC: how demand moves budget (streamed layer by layer, or over all layers "
+        "at once: per (layer, head) 'global', per layer 'layer'); docs/method.md"
+    )
     hcc_max_scale: float = Field(
-        2.0, ge=1.0, description="HCC: a layer keeps at most this multiple of its fair share phi (inf: uncapped)"
+        2.0, ge=1.0, description="HCC streamed: a layer keeps at most this multiple of its fair share phi (inf: uncapped)"
     )
     # Default 32: a long generation stays within budget + 32 tokens per head (bounded memory by
     # default); with 0 every generated token is kept, which cost ~10% capacity in bench_capacity.

@@ -4,8 +4,15 @@ No vLLM import here. The attention backend calls, per prompt::
 
     policy = make_policy(cfg)
     state = policy.begin(num_layers=L, num_kv_heads=H, seq_len=N, modality=mod, budget=B)
-    for l in range(L):
-        kept = policy.select_layer(state, layer=l, query=q_window, key=k_all)  # H sorted index tensors
+    for l in range(L):  # right after layer l's attention
+        policy.observe_layer(state, layer=l, query=q_window, key=k_all)
+    kept = policy.select_observed(state)  # per layer, H sorted index tensors
+
+and, during decoding, per (layer, KV head) whose count the page contract fixes::
+
+    kept = policy.recompress(query=q_window_of_group, key=k_retained, modality=mod_retained, keep=count)
+
+Each policy's whole rule, prompt time and decode time, lives in its class.
 
 Structure (kvpress style): a *scorer* turns (window queries, keys) into one score per (KV head, token);
 a *policy* decides how many tokens each head keeps from each token *group* (a modality, text vs visual,
@@ -15,6 +22,7 @@ form the group ``FORCED`` that every head keeps. Equations and every reading of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -45,7 +53,6 @@ __all__ = [
     "apportion",
     "make_policy",
     "pool_scores",
-    "recompress_head",
     "select_by_quota",
     "window_scores",
 ]
@@ -115,8 +122,10 @@ def window_scores(
 
     ``q``: [Hq, Wq, D] post-RoPE queries of the last Wq prompt tokens (query head ``h*g + i`` belongs
     to KV head ``h``, as in vLLM/HF); ``k``: [H, N, D]. Causal: window query j sits at position
-    N - Wq + j. Softmax in fp32 with scale 1/sqrt(D). Then optional 1-D pooling over tokens with
-    'same' zero padding (left (k-1)//2, right k//2). Returns float32 [H, N].
+    N - Wq + j. Softmax in fp32 with scale 1/sqrt(D). Then optional 1-D pooling over the N - Wq
+    tokens before the window with 'same' zero padding (left (k-1)//2, right k//2), as SnapKV and
+    kvpress pool ``attn[..., :-window]``; the window's scores are returned unpooled. Returns
+    float32 [H, N].
     """
     hq, wq, d = q.shape
     h, n, _ = k.shape
@@ -131,7 +140,11 @@ def window_scores(
     logits.sub_(logits.amax(-1, keepdim=True)).exp_()
     inv_z = logits.sum(-1).mul_(g).reciprocal_()
     psi = torch.bmm(inv_z[:, None, :], logits)[:, 0]
-    return pool_scores(psi, kernel_size, pooling)
+    if kernel_size <= 1 or n == wq:
+        return psi
+    # As SnapKV and kvpress: pool the keys before the window only (zero padding at the window
+    # boundary); the window's own scores stay raw (every policy keeps the window anyway).
+    return torch.cat([pool_scores(psi[:, : n - wq], kernel_size, pooling), psi[:, n - wq :]], dim=1)
 
 
 def pool_scores(psi: torch.Tensor, kernel_size: int, pooling: str = "avg") -> torch.Tensor:
@@ -197,7 +210,10 @@ class CompressionState:
     offset: int = 0
     remaining: int = 0  # tokens still to keep over the layers not selected yet
     next_layer: int = 0
+    scores: list = field(default_factory=list)  # per observed layer: [H, N] scores (None if keeps_all)
+    planned_counts: torch.Tensor | None = None  # [L, H] per-head counts fixed before selection (HCC global/layer)
     _group_on: dict = field(default_factory=dict, repr=False)
+    _rankings: dict = field(default_factory=dict, repr=False)
 
     @property
     def total_budget(self) -> int:
@@ -404,11 +420,35 @@ class Policy:
             raise ValueError(f"scores {tuple(scores.shape)}, expected ({h}, {n})")
         if state.keeps_all:
             return self._record(state, layer, torch.full((h,), n), _all_tokens(h, n, scores.device))
-        ranking = Ranking.of(scores, state.group_on(scores.device))
+        ranking = state._rankings.pop(layer, None) or Ranking.of(scores, state.group_on(scores.device))
         quota = self.quotas(state, layer, ranking)
         if state.granule > 1:
             quota = align_quota(state, layer, quota)
         return self._record(state, layer, quota.sum(1), select_by_quota(ranking, quota))
+
+    def observe_layer(self, state: CompressionState, layer: int, query: torch.Tensor | None, key: torch.Tensor) -> None:
+        """Score one layer (layers in order) and keep its scores [H, N] for :meth:`select_observed`.
+        The prompt's compression runs after the last layer's attention, so every policy can see
+        all layers' scores before any layer selects; streamed rules simply do not look ahead."""
+        h, n = state.num_kv_heads, state.seq_len
+        if key.dim() != 3 or key.shape[0] != h or key.shape[1] != n:
+            raise ValueError(f"observe_layer: key {tuple(key.shape)}, expected [{h}, {n}, D]")
+        if layer != len(state.scores):
+            raise ValueError(f"observe_layer: expected layer {len(state.scores)}, got {layer} (layers go in order)")
+        state.scores.append(None if state.keeps_all else self.scorer.score(query, key))
+
+    def select_observed(self, state: CompressionState) -> list[list[torch.Tensor]]:
+        """Every layer's kept indices (per layer, H sorted index tensors), once all are observed."""
+        if len(state.scores) != state.num_layers or state.next_layer != 0:
+            raise ValueError(f"select_observed: {len(state.scores)} of {state.num_layers} layers observed")
+        if state.keeps_all:
+            h, n = state.num_kv_heads, state.seq_len
+            return [self._record(state, l, torch.full((h,), n), _all_tokens(h, n, "cpu")) for l in range(state.num_layers)]
+        self.plan(state)
+        return [self.select_layer_scores(state, l, scores) for l, scores in enumerate(state.scores)]
+
+    def plan(self, state: CompressionState) -> None:
+        """Hook run once all layers are scored, before any selects (HCC's global readings)."""
 
     def select_all(
         self,
@@ -422,10 +462,39 @@ class Policy:
             num_layers=len(key_per_layer), num_kv_heads=h, seq_len=n, modality=modality, budget=budget
         )
         self.last_state = state  # for tests and benchmarks
-        return [
-            self.select_layer(state, layer=l, query=q, key=k)
-            for l, (q, k) in enumerate(zip(query_per_layer, key_per_layer))
-        ]
+        for l, (q, k) in enumerate(zip(query_per_layer, key_per_layer)):
+            self.observe_layer(state, l, q, k)
+        return self.select_observed(state)
+
+    # -- decode-time re-compression ------------------------------------------------------------
+    def decode_rule(self) -> "Policy":
+        """The policy whose prompt-time rule re-compresses one head during decoding (with the
+        head's count fixed by the page contract): itself, unless its rule allocates across heads
+        or layers in a way a fixed count replaces (MadaKV's HCC)."""
+        return self
+
+    def recompress(self, query: torch.Tensor, key: torch.Tensor, modality: torch.Tensor, keep: int) -> torch.Tensor:
+        """Cut one head's n retained entries (in position order) to ``min(keep, n)``, with this
+        policy's own rule; returns sorted indices. ``query``: [G, Wq, D] the most recent window
+        queries of the head's query group; ``key``: [n, D]; ``modality``: [n] (generated tokens are
+        text). The window is the last min(window, n) entries; sinks are the first entries."""
+        return self.recompress_scores(self.scorer.score(query, key.unsqueeze(0))[0], modality, keep)
+
+    def recompress_scores(self, scores: torch.Tensor, modality: torch.Tensor, keep: int) -> torch.Tensor:
+        """:meth:`recompress` from the scorer's output [n] for the head."""
+        n = scores.numel()
+        keep = max(0, min(int(keep), n))
+        if keep == n:
+            return torch.arange(n, device=scores.device)
+        w = min(self.window, n)
+        if keep <= w:  # not even the window fits: the most recent entries
+            return torch.arange(n - keep, n, device=scores.device)
+        rule = self.decode_rule()
+        sinks = min(rule.sink_tokens, keep - w)
+        if sinks != rule.sink_tokens:
+            rule = dataclasses.replace(rule, sink_tokens=sinks)
+        state = rule.begin(num_layers=1, num_kv_heads=1, seq_len=n, modality=modality, budget=keep)
+        return rule.select_layer_scores(state, 0, scores.reshape(1, n))[0]
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
@@ -464,6 +533,9 @@ class FullPolicy(Policy):
 
     def effective_budget(self, budget, n, num_forced):
         return n
+
+    def recompress_scores(self, scores, modality, keep):
+        return torch.arange(scores.numel(), device=scores.device)
 
 
 @dataclass
@@ -561,16 +633,27 @@ class LookMPolicy(Policy):
 @dataclass
 class MadaKVPolicy(Policy):
     """MadaKV. MPA: per head, the non-forced slots are split over modalities by the head's attention
-    mass on each, then top scores within each modality. HCC: each head keeps its demand (fewest tokens
-    covering theta of each modality's mass, plus forced), clipped to [floor, N]; the layer total is
-    clamped so the remaining layers stay feasible; later layers share what is left (phi); the last
-    layer takes the rest exactly. With mpa off everything is one group; with both off this is SnapKV."""
+    mass on each, then top scores within each modality. HCC: per-(layer, head) counts follow each
+    head's demand (fewest tokens covering theta of each modality's mass, plus forced), exactly
+    L*H*B in total, each between floor and N; ``hcc_mode`` says how (docs/method.md):
+
+    * ``streamed``: layer by layer, each head keeps its clipped demand; the layer total is clamped so
+      the remaining layers stay feasible and to ``max_scale`` times its fair share; the last layer
+      takes the rest (only layers <= l are known when layer l selects).
+    * ``global``: all layers scored first; L*H*B split over every (layer, head) in proportion to
+      its demand, within [floor, N].
+    * ``layer``: all layers scored first; L*H*B split over layers in proportion to each layer's
+      total demand, then evenly over the layer's heads (the paper's phi[l] is per layer).
+
+    A head whose count equals its raw demand keeps its demand per modality; otherwise MPA's split
+    decides. With mpa off everything is one group; with both off this is SnapKV."""
 
     mpa: bool = True
     hcc: bool = True
     theta: float = 0.9
     min_per_head: int | None = None  # None -> window
-    max_scale: float = float("inf")  # cap on a layer's total, in multiples of H * phi[l]
+    max_scale: float = float("inf")  # streamed: cap on a layer's total, in multiples of H * phi[l]
+    hcc_mode: str = "streamed"
 
     def content_group(self, modality):
         return modality.clone() if self.mpa else torch.zeros_like(modality)
@@ -580,9 +663,47 @@ class MadaKVPolicy(Policy):
         # Never below the forced tokens; never above B, or L*H*B could not be met.
         state.floor = max(state.num_forced, min(want, state.budget))
 
+    def select_layer(self, state, layer, query, key):
+        if self.hcc and self.hcc_mode != "streamed":
+            raise ValueError(f"hcc_mode {self.hcc_mode!r} needs every layer's scores: use observe_layer + "
+                             "select_observed (or select_all)")
+        return super().select_layer(state, layer, query, key)
+
+    def decode_rule(self):
+        return dataclasses.replace(self, hcc=False)  # the head's count is fixed: MPA's split (or top-k)
+
+    def _groups(self) -> int:
+        return NUM_MODALITIES if self.mpa else 1
+
+    def _ranking(self, state, layer) -> Ranking:
+        if layer not in state._rankings:
+            scores = state.scores[layer]
+            state._rankings[layer] = Ranking.of(scores, state.group_on(scores.device))
+        return state._rankings[layer]
+
+    def plan(self, state):
+        if not self.hcc or self.hcc_mode == "streamed":
+            return
+        big_l, h, n, f = state.num_layers, state.num_kv_heads, state.seq_len, state.num_forced
+        demand = torch.stack([
+            f + self._ranking(state, l).mass_and_demand(self._groups(), self.theta)[1].sum(1) for l in range(big_l)
+        ]).double()  # [L, H]
+        # In units of granules: each (layer, head) keeps r + g*u tokens, u in [lo, hi], sum fixed.
+        g, r = state.granule, state.offset
+        lo, hi = -(-max(state.floor - r, 0) // g), (n - r) // g
+        total = (big_l * h * (state.budget - r)) // g - big_l * h * lo
+        if self.hcc_mode == "global":
+            units = apportion(total, demand.flatten(), torch.full((big_l * h,), hi - lo)).view(big_l, h)
+        elif self.hcc_mode == "layer":
+            per_layer = apportion(total, demand.sum(1), torch.full((big_l,), h * (hi - lo)))
+            units = apportion(per_layer, torch.ones(big_l, h, dtype=torch.float64), torch.full((big_l, h), hi - lo))
+        else:
+            raise ValueError(f"unknown hcc_mode {self.hcc_mode!r}")
+        state.planned_counts = r + g * (lo + units)
+
     def quotas(self, state, layer, ranking):
         h, n, f = state.num_kv_heads, state.seq_len, state.num_forced
-        groups = NUM_MODALITIES if self.mpa else 1
+        groups = self._groups()
         quota = self._empty_quota(state)
         if not self.hcc:
             mass, _ = ranking.mass_and_demand(groups)
@@ -591,7 +712,10 @@ class MadaKVPolicy(Policy):
             return quota
         mass, demand = ranking.mass_and_demand(groups, self.theta)
         raw = f + demand.sum(1)
-        counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale)
+        if state.planned_counts is not None:
+            counts = state.planned_counts[layer]
+        else:
+            counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale)
         quota[:, :groups] = torch.where(
             (counts == raw)[:, None], demand, self._split(state, counts - f, mass)
         )
@@ -642,46 +766,6 @@ def make_policy(cfg: MadaKVConfig) -> Policy:
     if name == "madakv":
         return MadaKVPolicy(
             **common, scorer=pooled, mpa=cfg.mpa, hcc=cfg.hcc, theta=cfg.theta, min_per_head=cfg.head_floor,
-            max_scale=cfg.hcc_max_scale,
+            max_scale=cfg.hcc_max_scale, hcc_mode=cfg.hcc_mode,
         )
     raise ValueError(f"unknown policy {name!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Decode-time re-compression of one head
-# ----------------------------------------------------------------------------------------------
-
-
-def recompress_head(
-    psi: torch.Tensor, modality: torch.Tensor, keep: int, window: int, mpa: bool, sinks: int = 0
-) -> torch.Tensor:
-    """Re-compress one head's n retained tokens to ``keep``; returns min(keep, n) sorted indices.
-
-    The last ``window`` tokens are always kept (if keep < window, only the most recent ``keep``),
-    then the first ``sinks`` as far as they fit; the rest of ``keep`` is split over modalities by
-    psi mass (MPA, largest remainder, capped by availability) when ``mpa``, else plain top-k by psi.
-    """
-    n = psi.numel()
-    device = psi.device
-    keep = max(0, min(int(keep), n))
-    if keep == n:
-        return torch.arange(n, device=device)
-    w = min(window, n)
-    if keep <= w:
-        return torch.arange(n - keep, n, device=device)
-    forced = torch.zeros(n, dtype=torch.bool)
-    forced[n - w :] = True
-    forced[: max(0, min(sinks, keep - w, n - w))] = True
-    mod = torch.as_tensor(modality).to("cpu", torch.int64).reshape(-1)
-    group = torch.where(forced, FORCED, mod if mpa else torch.zeros_like(mod))
-    ranking = Ranking.of(psi.reshape(1, n), group.to(device))
-    quota = torch.zeros(1, NUM_GROUPS, dtype=torch.int64)
-    nf = int(forced.sum())
-    quota[0, FORCED] = nf
-    if mpa:
-        mass, _ = ranking.mass_and_demand(NUM_MODALITIES)
-        sizes = torch.bincount(group, minlength=NUM_GROUPS)[:NUM_MODALITIES]
-        quota[0, :NUM_MODALITIES] = apportion(keep - nf, mass[0], sizes)
-    else:
-        quota[0, 0] = keep - nf
-    return select_by_quota(ranking, quota)[0]

@@ -78,6 +78,20 @@ def config_fields(name: str) -> dict:
     return dict(VARIANTS[name]) if name in VARIANTS else {"policy": name}
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:key=value,key=value`` (values as JSON where they parse) -> (NAME, fields)."""
+    name, _, body = text.partition(":")
+    fields = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            fields[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key.strip()] = value.strip()
+    fields.setdefault("policy", "madakv")
+    return name, fields
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=REPO / "models" / "proxy-vlm",
@@ -88,11 +102,26 @@ def parse_args(argv=None):
                    help=f"policies and/or MadaKV ablations {sorted(VARIANTS)}")
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     p.add_argument("--mass-per-task", type=int, default=4, help="samples per task for retained mass (0: skip)")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the eval split")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the split")
+    p.add_argument("--split", default="eval", choices=["eval", "dev", "test"],
+                   help="prompt split: 'dev' for tuning, 'test' for reporting only (never tuned on); "
+                        "'eval' is the split earlier sessions used (and tuned on)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                   help="an extra MadaKVConfig variant to run as a policy NAME (e.g. "
+                        "'hccg:hcc_mode=global,theta=0.7'); repeatable")
+    p.add_argument("--reference", default="madakv",
+                   help="paired bootstrap intervals of every other policy against this one, per budget")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: skip the intervals)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=40.0, help="stop starting new configs after this")
     p.add_argument("--out", type=Path, default=REPO / "models" / "proxy-eval.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for text in args.variant:
+        name, fields = parse_variant(text)
+        VARIANTS[name] = fields
+        if name not in args.policies:
+            args.policies.append(name)
+    return args
 
 
 # ----------------------------------------------------------------------------- vLLM part
@@ -183,11 +212,57 @@ def score(samples, results, tokenizer):
             "policy": name, "config": config_fields(name), "budget": budget,
             "tasks": {t: {k: _mean(v) for k, v in d.items()} | {"n": len(d["acc"])}
                       for t, d in per_task.items()},
+            # exact match of every prompt, in sample order (for paired comparisons)
+            "acc_per_sample": [float(a == b) for a, b in (
+                (toks[1:], pt.target_token_ids(s, tokenizer)[1:]) for s, (toks, _) in zip(samples, outs))],
         }
         row = table[f"{name}@{budget}"]
         row["mean_acc"] = _mean([row["tasks"][t]["acc"] for t in per_task])
         row["mean_tok"] = _mean([row["tasks"][t]["tok"] for t in per_task])
     return table
+
+
+def paired_intervals(samples, table, reference: str, resamples: int, seed: int = 0) -> dict:
+    """Per budget, for every policy P other than ``reference``: the difference in mean exact match
+    (reference - P, averaged over tasks as ``mean_acc``) with a 95% paired bootstrap interval
+    (prompts resampled within each task, the same resample for both policies) and the discordant
+    pair counts of McNemar's test with its exact two-sided p-value."""
+    import random
+
+    tasks = sorted({s.task for s in samples})
+    by_task = {t: [i for i, s in enumerate(samples) if s.task == t] for t in tasks}
+    rng = random.Random(seed)
+    draws = [{t: [rng.choice(ix) for _ in ix] for t, ix in by_task.items()} for _ in range(resamples)]
+
+    def mean_acc(acc, pick):
+        return sum(sum(acc[i] for i in pick[t]) / len(pick[t]) for t in tasks) / len(tasks)
+
+    out = {}
+    for key, row in table.items():
+        b = row["budget"]
+        ref = table.get(f"{reference}@{b}")
+        if ref is None or row["policy"] == reference:
+            continue
+        a, c = ref["acc_per_sample"], row["acc_per_sample"]
+        diffs = sorted(mean_acc(a, d) - mean_acc(c, d) for d in draws)
+        only_ref = sum(x > y for x, y in zip(a, c))
+        only_other = sum(y > x for x, y in zip(a, c))
+        out[key] = {
+            "reference": f"{reference}@{b}", "diff": mean_acc(a, by_task) - mean_acc(c, by_task),
+            "ci95": [diffs[int(0.025 * len(diffs))], diffs[int(0.975 * len(diffs)) - 1]] if diffs else None,
+            "only_reference_right": only_ref, "only_other_right": only_other,
+            "mcnemar_p": _mcnemar_exact(only_ref, only_other),
+        }
+    return out
+
+
+def _mcnemar_exact(b: int, c: int) -> float:
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _mean(v):
@@ -268,16 +343,19 @@ def main(argv=None) -> None:
         pt.rebuild_proxy_model(args.model)
     info_path = args.model / pt.MODEL_INFO
     trained_on = json.loads(info_path.read_text()).get("tasks") if info_path.is_file() else None
-    if trained_on != list(pt.TASKS):
-        sys.exit(f"{args.model} was trained on tasks {trained_on}, not {list(pt.TASKS)} "
+    known = getattr(pt, "ALL_TASKS", pt.TASKS)
+    if not trained_on or not set(trained_on) <= set(known):
+        sys.exit(f"{args.model} lists tasks {trained_on}, not a subset of {list(known)} "
                  "(retrain with scripts/train_proxy_vlm.py); refusing to score it")
+    tasks = tuple(trained_on)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(args.model))
     pt.answer_token_ids(tok)  # checks every answer word is one token
-    samples = pt.make_dataset(pt.TASKS, args.n_per_task, tuple(args.images), split="eval", base_seed=args.seed)
+    samples = pt.make_dataset(tasks, args.n_per_task, tuple(args.images), split=args.split, base_seed=args.seed)
     lengths = pt.summarize_lengths(samples, tok)
-    print(f"{len(samples)} held-out prompts ({args.n_per_task}/task), prompt tokens {lengths}", flush=True)
+    print(f"{len(samples)} held-out prompts ({args.n_per_task}/task, split {args.split!r}, seed {args.seed}), "
+          f"prompt tokens {lengths}", flush=True)
     configs = [("full", None)] + [(p, b) for p in args.policies for b in args.budgets]
 
     t0 = time.time()
@@ -304,25 +382,39 @@ def main(argv=None) -> None:
             for t, d in per_task.items():
                 row["tasks"][t].update(d)
 
+    paired = paired_intervals(samples, table, args.reference, args.bootstrap) if args.bootstrap > 0 else {}
     report = {
-        "model": str(args.model),
+        "model": str(args.model), "split": args.split, "seed": args.seed, "tasks": list(tasks),
+        "variants": {k: v for k, v in VARIANTS.items() if k in args.policies},
         "assets": json.loads((args.model / pt.MODEL_INFO).read_text()) if (args.model / pt.MODEL_INFO).is_file() else None,
         "n_per_task": args.n_per_task, "images": list(args.images), "prompt_tokens": lengths,
         "mass_per_task": args.mass_per_task, "budgets": args.budgets, "policies": args.policies,
         "seconds": {"vllm": round(vllm_s, 1), "mass": round(mass_s, 1)},
         "table": table,
+        "paired": paired,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(table)
+    print_table(table, tasks)
+    print_paired(paired)
     print(f"\nwrote {args.out} (vLLM {vllm_s:.0f} s, retained mass {mass_s:.0f} s)")
 
 
-def print_table(table) -> None:
-    tasks = pt.TASKS
+def print_paired(paired) -> None:
+    if not paired:
+        return
+    print("\npaired vs reference (mean exact match, reference - policy; 95% bootstrap CI; McNemar p)")
+    for key, d in paired.items():
+        lo, hi = d["ci95"]
+        print(f"  {d['reference']:>18} - {key:<22} {d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]  "
+              f"discordant {d['only_reference_right']}/{d['only_other_right']}  p={d['mcnemar_p']:.3g}")
+
+
+def print_table(table, tasks=None) -> None:
+    tasks = tasks or pt.TASKS
     short = {"text_needle": "TN", "image_needle": "IN", "comparison": "CMP"}
-    head = (f"{'policy':<13}{'budget':>7} | " + " ".join(f"{'acc ' + short[t]:>7}" for t in tasks)
-            + f" {'mean':>6} | " + " ".join(f"{'tok ' + short[t]:>7}" for t in tasks)
+    head = (f"{'policy':<13}{'budget':>7} | " + " ".join(f"{'acc ' + short.get(t, t[:3].upper()):>7}" for t in tasks)
+            + f" {'mean':>6} | " + " ".join(f"{'tok ' + short.get(t, t[:3].upper()):>7}" for t in tasks)
             + f" {'rest':>6} | {'agree':>6} {'|dlogp|':>8} {'KL':>7} | {'mass':>6} {'out':>6} {'needle':>7}"
             + f" | {'sep':>4}")
     print(head)

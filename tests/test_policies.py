@@ -19,7 +19,6 @@ from madakv_vllm.policies import (
     apportion,
     make_policy,
     pool_scores,
-    recompress_head,
     window_scores,
 )
 
@@ -63,8 +62,9 @@ def run(cfg, qs, ks, modality, budget=None):
     n = ks[0].shape[1]
     b = cfg.budget_tokens(n) if budget is None else budget
     state = pol.begin(num_layers=len(ks), num_kv_heads=ks[0].shape[0], seq_len=n, modality=modality, budget=b)
-    kept = [pol.select_layer(state, layer=l, query=q, key=k) for l, (q, k) in enumerate(zip(qs, ks))]
-    return kept, state
+    for l, (q, k) in enumerate(zip(qs, ks)):  # as the worker does: score every layer, then select
+        pol.observe_layer(state, l, q, k)
+    return pol.select_observed(state), state
 
 
 def select_from_scores(cfg, psi, modality, budget, num_layers=1):
@@ -370,6 +370,7 @@ def scenarios(draw, policy=None):
         min_per_head=draw(st.one_of(st.none(), st.integers(1, 20))),
         mpa=draw(st.booleans()),
         hcc=draw(st.booleans()),
+        hcc_mode=draw(st.sampled_from(["streamed", "global", "layer"])),
         pyramid_beta=draw(st.floats(0.5, 30.0)),
         adakv_alpha=draw(st.floats(0.0, 1.0)),
         h2o_recent_ratio=draw(st.floats(0.0, 1.0)),
@@ -422,7 +423,7 @@ def test_invariants_every_policy(policy, data):
 @given(scenarios("madakv"))
 def test_hcc_budget_feasible_layer_by_layer_and_demand_kept(scenario):
     cfg, modality, shape = scenario
-    cfg = cfg.model_copy(update={"hcc": True})
+    cfg = cfg.model_copy(update={"hcc": True, "hcc_mode": "streamed"})
     kept, state, qs, ks = check_invariants(cfg, modality, shape)
     n, big_l, h = modality.numel(), shape["num_layers"], shape["num_kv_heads"]
     event(f"keeps all: {state.keeps_all}")
@@ -587,43 +588,93 @@ def test_bad_inputs_raise():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_recompress_head_hand_cases():
-    psi = torch.tensor([5.0, 1, 1, 1, 0, 1, 1, 1, 1, 0, 9, 9])
-    mod = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
-    assert recompress_head(psi, mod, 8, 2, mpa=True).tolist() == [0, 1, 2, 3, 5, 6, 10, 11]
-    assert recompress_head(psi, mod, 5, 2, mpa=False).tolist() == [0, 1, 2, 10, 11]
-    assert recompress_head(psi, mod, 20, 2, mpa=True).tolist() == list(range(12))
-    assert recompress_head(psi, mod, 1, 2, mpa=True).tolist() == [11]  # keep < window: most recent
-    psi2 = torch.tensor([0.0, 1, 3, 1, 0, 0, 0, 0, 0, 0, 9, 9])
-    text = torch.zeros(12, dtype=torch.long)
-    assert recompress_head(psi2, text, 4, 2, mpa=False).tolist() == [1, 2, 10, 11]
-    assert recompress_head(psi2, text, 4, 2, mpa=False, sinks=1).tolist() == [0, 2, 10, 11]
+def _decode_policy(name, **knobs):
+    return make_policy(MadaKVConfig(policy=name, window=2, **knobs))
 
 
-@PROPS
+# Scores of 12 retained entries (window = the last 2) and their modalities.
+RE_PSI = torch.tensor([5.0, 1, 1, 1, 0, 1, 1, 1, 1, 0, 9, 9])
+RE_MOD = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
+
+
+@pytest.mark.parametrize("name, knobs, keep, expected", [
+    # MadaKV: MPA's split of keep - window by modality mass (text 8, image 4 -> 4 + 2), best of each.
+    ("madakv", {}, 8, [0, 1, 2, 3, 5, 6, 10, 11]),
+    ("madakv", {"hcc": False}, 8, [0, 1, 2, 3, 5, 6, 10, 11]),
+    # without MPA, and SnapKV-family policies: plain top-k over all modalities, window kept.
+    ("madakv", {"mpa": False}, 5, [0, 1, 2, 10, 11]),
+    ("snapkv", {}, 5, [0, 1, 2, 10, 11]),
+    ("pyramidkv", {}, 5, [0, 1, 2, 10, 11]),
+    ("adakv", {}, 5, [0, 1, 2, 10, 11]),
+    # SnapKV at 8 ignores modality: the image scores (1) tie the text ones, lower index first.
+    ("snapkv", {}, 8, [0, 1, 2, 3, 5, 6, 10, 11]),
+    ("snapkv", {}, 9, [0, 1, 2, 3, 5, 6, 7, 10, 11]),
+    ("madakv", {}, 9, [0, 1, 2, 3, 4, 5, 6, 10, 11]),
+    # StreamingLLM: sinks + the most recent, whatever the scores.
+    ("streamingllm", {}, 5, [7, 8, 9, 10, 11]),
+    ("streamingllm", {"sink_tokens": 1}, 5, [0, 8, 9, 10, 11]),
+    # H2O: a recent block of round(0.5 * keep) = 3, then heavy hitters.
+    ("h2o", {}, 6, [0, 1, 2, 9, 10, 11]),
+    # LOOK-M: every text entry first, then the best visual one.
+    ("lookm", {}, 8, [0, 1, 2, 3, 4, 5, 10, 11]),
+    # keep below the window: the most recent entries, every policy
+    ("madakv", {}, 1, [11]),
+    ("h2o", {}, 1, [11]),
+    ("snapkv", {}, 20, list(range(12))),
+])
+def test_recompress_follows_each_policys_own_rule(name, knobs, keep, expected):
+    """Decode-time re-compression of one head to a fixed count, with the request's own policy
+    (not MadaKV's rule for everyone): given scores, each keeps what its rule keeps. StreamingLLM's
+    scores are its scorer's (recency), not attention."""
+    pol = _decode_policy(name, **knobs)
+    psi = pol.scorer.score(None, torch.zeros(1, 12, 1))[0] if name == "streamingllm" else RE_PSI
+    assert pol.recompress_scores(psi, RE_MOD, keep).tolist() == expected
+
+
+def test_recompress_scores_with_each_policys_scorer():
+    """recompress(query, key) scores with the policy's own scorer: StreamingLLM keeps the most
+    recent entries whatever the attention; SnapKV keeps the pooled-attention best; H2O/LOOK-M use
+    unpooled attention."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 30, 8
+    key = torch.randn(n, d, generator=gen)
+    query = torch.randn(2, 2, d, generator=gen)  # group of 2 query heads, 2 window queries
+    mod = torch.tensor([TEXT] * 10 + [IMAGE] * 18 + [TEXT] * 2)
+    assert _decode_policy("streamingllm").recompress(query, key, mod, 6).tolist() == list(range(24, 30))
+    for name, kernel in (("snapkv", 5), ("h2o", 1), ("lookm", 1), ("madakv", 5)):
+        pol = _decode_policy(name)
+        psi = window_scores(query, key[None], kernel, "avg")[0]
+        assert torch.equal(pol.recompress(query, key, mod, 9), pol.recompress_scores(psi, mod, 9)), name
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@FEW
 @given(
     st.lists(st.floats(0, 10), min_size=1, max_size=40),
     st.lists(st.sampled_from([TEXT, IMAGE, VIDEO, AUDIO]), min_size=40, max_size=40),
     st.integers(0, 50),
     st.integers(1, 8),
-    st.booleans(),
     st.integers(0, 3),
 )
-def test_recompress_head_properties(psi, mods, keep, window, mpa, sinks):
+def test_recompress_properties_every_policy(name, psi, mods, keep, window, sinks):
     n = len(psi)
     psi_t = torch.tensor(psi)
     mod = torch.tensor(mods[:n])
-    out = recompress_head(psi_t, mod, keep, window, mpa, sinks=sinks)
-    assert out.dtype == torch.int64 and out.numel() == min(keep, n)
+    pol = make_policy(MadaKVConfig(policy=name, window=window, sink_tokens=sinks))
+    out = pol.recompress_scores(psi_t, mod, keep)
+    want = n if name == "full" else min(keep, n)
+    assert out.dtype == torch.int64 and out.numel() == want
     assert torch.equal(out, torch.unique(out))
     got = set(out.tolist())
     w = min(window, n)
+    if name == "full":
+        return
     if keep >= w:
         assert set(range(n - w, n)) <= got
         assert set(range(min(sinks, keep - w, n - w))) <= got
     else:
         assert got == set(range(n - keep, n))
-    assert torch.equal(out, recompress_head(psi_t, mod, keep, window, mpa, sinks=sinks))
+    assert torch.equal(out, pol.recompress_scores(psi_t, mod, keep))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +700,7 @@ def test_hcc_max_scale_caps_greedy_early_layers():
     mod[100:300] = 1
     totals = {}
     for scale in (float("inf"), 2.0):
-        policy = make_policy(MadaKVConfig(hcc_max_scale=scale))
+        policy = make_policy(MadaKVConfig(hcc_max_scale=scale, hcc_mode="streamed"))
         policy.select_all(q, k, mod, B)
         st = policy.last_state
         counts = st.kept_counts.sum(1)
@@ -669,6 +720,7 @@ def test_hcc_max_scale_caps_greedy_early_layers():
 @PROPS
 @given(
     policy=st.sampled_from([p for p in POLICIES if p != "full"]),
+    hcc_mode=st.sampled_from(["streamed", "global", "layer"]),
     num_layers=st.integers(1, 5),
     h=st.integers(1, 4),
     n=st.integers(80, 900),
@@ -678,10 +730,11 @@ def test_hcc_max_scale_caps_greedy_early_layers():
     sinks=st.sampled_from([0, 2]),
     seed=st.integers(0, 10_000),
 )
-def test_granule_counts_are_offset_plus_whole_pages_summing_exactly(policy, num_layers, h, n, g, frac, window, sinks, seed):
+def test_granule_counts_are_offset_plus_whole_pages_summing_exactly(policy, hcc_mode, num_layers, h, n, g, frac, window,
+                                                                    sinks, seed):
     from madakv_vllm.accounting import plan_compression
 
-    cfg = MadaKVConfig(policy=policy, budget=frac, window=window, sink_tokens=sinks)
+    cfg = MadaKVConfig(policy=policy, budget=frac, window=window, sink_tokens=sinks, hcc_mode=hcc_mode)
     plan = plan_compression(cfg, n, g)
     if plan is None:
         return
@@ -691,7 +744,8 @@ def test_granule_counts_are_offset_plus_whole_pages_summing_exactly(policy, num_
     r = plan.offset(n)  # n mod g entries of every head share the tail page
     state = pol.begin(num_layers=num_layers, num_kv_heads=h, seq_len=n, modality=mod, budget=plan.budget,
                       granule=plan.granule, offset=r)
-    kept = [pol.select_layer_scores(state, l, torch.rand(h, n, generator=gen) ** 4) for l in range(num_layers)]
+    state.scores = [torch.rand(h, n, generator=gen) ** 4 for _ in range(num_layers)]  # as observe_layer stores
+    kept = pol.select_observed(state)
     counts = torch.tensor([[len(k) for k in layer] for layer in kept])
     assert bool(((counts - r) % g == 0).all()), (counts, r)
     assert int(counts.sum()) == num_layers * h * plan.budget
@@ -732,3 +786,86 @@ def test_begin_rejects_unaligned_budget():
               granule=32, offset=32)
     assert begin(num_layers=1, num_kv_heads=1, seq_len=100, modality=torch.zeros(100, dtype=torch.long), budget=40,
                  granule=32, offset=8).offset == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# HCC readings that see every layer before selecting
+# ---------------------------------------------------------------------------------------------
+
+
+def _observed(cfg, scores, modality, budget, granule=1, offset=0):
+    pol = make_policy(cfg)
+    big_l, h, n = len(scores), scores[0].shape[0], scores[0].shape[1]
+    state = pol.begin(num_layers=big_l, num_kv_heads=h, seq_len=n, modality=modality, budget=budget,
+                      granule=granule, offset=offset)
+    state.scores = list(scores)
+    return pol.select_observed(state), state
+
+
+def _demand(scores, window, theta):
+    """Raw HCC demand of each head of [H, N] scores (one modality, window forced)."""
+    n = scores.shape[1]
+    out = []
+    for row in scores:
+        vals = sorted(row[: n - window].tolist(), reverse=True)
+        total, acc, need = sum(vals), 0.0, 0
+        for v in vals:
+            if acc < theta * total:
+                need += 1
+            acc += v
+        out.append(window + need)
+    return out
+
+
+def test_hcc_global_splits_the_whole_budget_by_demand():
+    """Layer 0's heads attend diffusely (high demand), layer 1's sharply (low demand): global HCC
+    gives each (layer, head) floor + its demand's share of the rest, exactly L*H*B in total."""
+    n, w, b = 200, 4, 40
+    mod = torch.zeros(n, dtype=torch.long)
+    diffuse = torch.ones(2, n)
+    sharp = torch.zeros(2, n)
+    sharp[:, :3] = 1.0
+    sharp[:, n - w:] = 1.0
+    cfg = MadaKVConfig(policy="madakv", window=w, hcc_mode="global", mpa=False, kernel_size=1)
+    kept, state = _observed(cfg, [diffuse, sharp], mod, b)
+    demand = torch.tensor([_demand(diffuse, w, 0.9), _demand(sharp, w, 0.9)], dtype=torch.float64)
+    assert demand[0, 0] > 10 * demand[1, 0]
+    expect = w + apportion(2 * 2 * (b - w), demand.flatten(), torch.full((4,), n - w)).view(2, 2)
+    assert torch.equal(state.kept_counts, expect)
+    assert int(state.kept_counts.sum()) == 2 * 2 * b
+    assert int(state.kept_counts[0].min()) > int(state.kept_counts[1].max())
+
+
+def test_hcc_layer_mode_moves_budget_between_layers_not_heads():
+    n, w, b = 200, 4, 40
+    mod = torch.zeros(n, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    diffuse = torch.rand(2, n, generator=gen) + 1.0
+    sharp = torch.rand(2, n, generator=gen) ** 20
+    cfg = MadaKVConfig(policy="madakv", window=w, hcc_mode="layer", kernel_size=1)
+    kept, state = _observed(cfg, [diffuse, sharp, diffuse], mod, b)
+    counts = state.kept_counts
+    assert int(counts.sum()) == 3 * 2 * b
+    assert all(int(c.max()) - int(c.min()) <= 1 for c in counts)  # heads of a layer: even split
+    assert counts[0, 0] > counts[1, 0] and counts[2, 0] > counts[1, 0]
+
+
+@pytest.mark.parametrize("mode", ["global", "layer"])
+def test_global_readings_refuse_streamed_selection(mode):
+    pol = make_policy(MadaKVConfig(hcc_mode=mode))
+    state = pol.begin(num_layers=2, num_kv_heads=1, seq_len=100, modality=torch.zeros(100, dtype=torch.long), budget=40)
+    with pytest.raises(ValueError, match="every layer"):
+        pol.select_layer(state, 0, torch.randn(1, 32, 4), torch.randn(1, 100, 4))
+
+
+def test_observed_selection_equals_streamed_for_streamed_rules():
+    """For rules that need no look-ahead, scoring every layer first changes nothing."""
+    qs, ks = random_layers(3, 2, 2, 120, 8, seed=5)
+    mod = torch.tensor([TEXT] * 60 + [IMAGE] * 60)
+    for name in POLICIES:
+        cfg = MadaKVConfig(policy=name, window=8, budget=0.3, hcc_mode="streamed")
+        pol = make_policy(cfg)
+        state = pol.begin(num_layers=3, num_kv_heads=2, seq_len=120, modality=mod, budget=cfg.budget_tokens(120))
+        streamed = [pol.select_layer(state, l, q, k) for l, (q, k) in enumerate(zip(qs, ks))]
+        observed, _ = run(cfg, qs, ks, mod)
+        assert all(torch.equal(a, c) for la, lc in zip(streamed, observed) for a, c in zip(la, lc)), name

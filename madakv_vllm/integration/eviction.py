@@ -83,7 +83,8 @@ class Event:
     kind: str  # "prompt" | "recompress"
     block_ids: list[int]
     kept: list = field(default_factory=list)  # per layer: list of H index tensors
-    policy_state: object = None
+    policy: object = None  # the request's policy (policies.Policy)
+    policy_state: object = None  # policies.CompressionState of a prompt event
 
 
 class EvictionState:
@@ -171,24 +172,27 @@ class EvictionState:
     # --- selection (after each layer's attention) ---------------------------------
 
     def select_layer(self, ev: Event, layer: int, layer_obj=None) -> None:
+        """Right after ``layer``'s attention. Prompt: the policy scores the layer; after the last
+        layer it selects every layer's tokens at once (HCC's global readings need all layers).
+        Re-compression: each head is cut back to its count with the request's own policy."""
         rs = ev.req
-        from madakv_vllm.policies import make_policy, recompress_head, window_scores
+        from madakv_vllm.policies import make_policy
 
         cfg = rs.cfg
         queries = rs.queries[layer]  # [Hq, Wq, D]
+        if ev.policy is None:
+            ev.policy = make_policy(cfg)
         if ev.kind == "prompt":
             n = ev.length
             if ev.policy_state is None:
-                policy = make_policy(cfg)
-                mods = rs.modality(n).long()
-                state = policy.begin(num_layers=self.num_layers, num_kv_heads=self.H, seq_len=n, modality=mods,
-                                     budget=rs.plan.budget, granule=rs.plan.granule, offset=rs.plan.offset(n))
-                ev.policy_state = (policy, state, mods)
-            policy, pstate, _ = ev.policy_state
+                ev.policy_state = ev.policy.begin(
+                    num_layers=self.num_layers, num_kv_heads=self.H, seq_len=n, modality=rs.modality(n).long(),
+                    budget=rs.plan.budget, granule=rs.plan.granule, offset=rs.plan.offset(n))
             keys = self.read_stock(layer, ev.block_ids, n)[0]  # [H, n, D]
             wq = min(cfg.window, n)
-            kept = policy.select_layer(pstate, layer=layer, query=queries[:, -wq:].float(), key=keys.float())
-            ev.kept.append([k.to("cpu", torch.long) for k in kept])
+            ev.policy.observe_layer(ev.policy_state, layer, queries[:, -wq:].float(), keys.float())
+            if layer == self.num_layers - 1:
+                ev.kept = [[k.to("cpu", torch.long) for k in kept] for kept in ev.policy.select_observed(ev.policy_state)]
         else:
             kept = []
             # Page-aligned: a head keeps r_T + whole sub-blocks, r_T = T mod bs entries sharing the
@@ -200,10 +204,10 @@ class EvictionState:
                 keys = self.read_compressed(rs, layer, h, n)[0]  # [n, D]
                 wq = min(cfg.window, n)
                 q = queries[h * self.G : (h + 1) * self.G, -wq:]
-                psi = window_scores(q.float(), keys.unsqueeze(0).float(), cfg.kernel_size, cfg.pooling)[0]
                 keep = int(rs.base_counts[layer, h]) - drop
                 keep = keep if keep >= 0 else keep + rs.plan.granule
-                kept.append(recompress_head(psi, rs.ent_mod[layer, h, :n].long(), keep, cfg.window, cfg.mpa).to("cpu", torch.long))
+                idx = ev.policy.recompress(q.float(), keys.float(), rs.ent_mod[layer, h, :n].long(), keep)
+                kept.append(idx.to("cpu", torch.long))
             ev.kept.append(kept)
 
     # --- compaction (after the last layer) ---------------------------------------
