@@ -89,7 +89,7 @@ def plan_compression(cfg: MadaKVConfig, comp_len: int, block_size: int) -> Compr
         return None
     if cfg.page_aligned:
         offset = comp_len % block_size
-        pages = aligned_pages(budget, offset, cfg.window + cfg.sink_tokens, block_size)
+        pages = aligned_pages(budget, offset, cfg.window + cfg.sinks, block_size)
         if pages >= comp_len // block_size:  # would free no page
             return None
         return CompressionPlan(comp_len, pages * block_size + offset, pages, cfg.recompress_interval, block_size)

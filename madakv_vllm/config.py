@@ -22,6 +22,9 @@ TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 MODALITY_IDS = {"text": TEXT, "image": IMAGE, "video": VIDEO, "audio": AUDIO}
 NUM_MODALITIES = 4
 
+#: StreamingLLM's attention sinks (Xiao et al. 2024; kvpress StreamingLLMPress n_sink).
+STREAMINGLLM_SINKS = 4
+
 
 class MadaKVConfig(BaseModel):
     """Every knob of MadaKV and its baselines. See docs/method.md for each reading."""
@@ -35,7 +38,10 @@ class MadaKVConfig(BaseModel):
     window: int = Field(32, ge=1, description="observation window W: last W prompt tokens; always kept")
     kernel_size: int = Field(5, ge=1, description="1-D pooling kernel over scores (SnapKV); 1 disables")
     pooling: Literal["avg", "max"] = "avg"
-    sink_tokens: int = Field(0, ge=0, description="first tokens always kept (StreamingLLM sinks)")
+    sink_tokens: int | None = Field(
+        None, ge=0, description="first tokens always kept (attention sinks); None: 4 for streamingllm, as its "
+        "paper and kvpress use, 0 for every other policy"
+    )
     theta: float = Field(0.9, gt=0.0, le=1.0, description="HCC: attention mass a head's demand must cover")
     min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
     mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
@@ -60,8 +66,8 @@ class MadaKVConfig(BaseModel):
     )
     min_prompt_len: int = Field(0, ge=0, description="prompts shorter than this are never compressed")
     pyramid_beta: float = Field(20.0, gt=0.0, description="PyramidKV: top/bottom layer budget ratio parameter")
-    adakv_alpha: float = Field(0.2, ge=0.0, le=1.0, description="AdaKV: per-head floor as a fraction of the budget")
-    h2o_recent_ratio: float = Field(0.5, ge=0.0, le=1.0, description="H2O: share of the budget for recent tokens")
+    adakv_alpha: float = Field(0.2, ge=0.0, le=1.0, description="AdaKV: safeguard share of the per-head budget")
+    h2o_recent_ratio: float = Field(0.5, ge=0.0, le=1.0, description="H2O, LOOK-M: share of the budget for recent tokens")
 
     @field_validator("budget")
     @classmethod
@@ -74,6 +80,13 @@ class MadaKVConfig(BaseModel):
         elif not (0.0 < v <= 1.0):
             raise ValueError("budget as a fraction must be in (0, 1]; give an int for a token count")
         return v
+
+    @property
+    def sinks(self) -> int:
+        """Sink tokens in effect: ``sink_tokens``, or the policy's own default when it is None."""
+        if self.sink_tokens is not None:
+            return self.sink_tokens
+        return STREAMINGLLM_SINKS if self.policy == "streamingllm" else 0
 
     @property
     def head_floor(self) -> int:
@@ -91,7 +104,7 @@ class MadaKVConfig(BaseModel):
             b = self.budget
         else:
             b = int(round(self.budget * prompt_len))
-        lo = min(prompt_len, self.window + self.sink_tokens)
+        lo = min(prompt_len, self.window + self.sinks)
         return max(lo, min(prompt_len, b))
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "MadaKVConfig":

@@ -559,15 +559,17 @@ class H2OPolicy(Policy):
 class PyramidKVPolicy(Policy):
     """SnapKV selection with per-layer budgets falling linearly with depth (PyramidKV): the non-forced
     part E = B - F runs from 2E - E/beta (layer 0) to E/beta (last layer); integer, capped at N - F,
-    summing to L*E exactly."""
+    summing to L*E exactly. Prompts shorter than 2E get the uniform E (SnapKV), as the reference."""
 
     beta: float = 20.0
 
     def init_state(self, state):
         big_l, f, g = state.num_layers, state.num_forced, state.granule
         extra = state.budget - f
-        if big_l == 1:
-            sched = torch.tensor([float(extra)], dtype=torch.float64)
+        if big_l == 1 or state.seq_len < 2 * extra:
+            # As PyramidKV (KVCache-Factory PyramidKVCluster): a prompt shorter than twice the
+            # non-window budget gets SnapKV's uniform budget (the pyramid would not fit under N).
+            sched = torch.full((big_l,), float(extra), dtype=torch.float64)
         else:
             lo = extra / self.beta
             hi = 2 * extra - lo
@@ -590,34 +592,37 @@ class PyramidKVPolicy(Policy):
 
 @dataclass
 class AdaKVPolicy(Policy):
-    """SnapKV scores; each head first keeps floor(alpha * B) (at least the forced tokens), then the
-    layer's other H*B - H*floor slots go to the best scores over all heads jointly (AdaKV)."""
+    """AdaKV (Feng et al.; the authors' code, FFY0/AdaKV ``AdaptiveSnapKVCluster``): the layer's
+    H*E content slots (E = B - F) first go to the best scores over all heads jointly, giving each
+    head c_h; each head then keeps (1 - alpha) * c_h + int(alpha * E) content tokens (the safeguard
+    shrinks the joint allocation towards uniform), made integers summing to H*E exactly by largest
+    remainder (the reference rounds each head, so its total drifts by a few tokens)."""
 
     alpha: float = 0.2
 
     def quotas(self, state, layer, ranking):
         h, n, f, b = state.num_kv_heads, state.seq_len, state.num_forced, state.budget
-        head_min = min(max(int(self.alpha * b), f), b)
-        extra = torch.zeros(h, dtype=torch.int64)
-        joint = h * (b - head_min)
-        if joint > 0:
+        extra = b - f
+        joint = torch.zeros(h, dtype=torch.int64)
+        if extra > 0:
             in_any = ranking.group == 0
-            pool = in_any & (in_any.cumsum(1) > head_min - f)  # not taken by the per-head floor
-            vals = torch.where(pool, ranking.sorted_scores().float(), -math.inf).flatten()
+            vals = torch.where(in_any, ranking.sorted_scores().float(), -math.inf).flatten()
             # stable: equal scores go to the lower head, then the better in-head rank
-            best = torch.sort(vals, descending=True, stable=True).indices[:joint]
-            extra = torch.bincount(best // n, minlength=h).cpu()
+            best = torch.sort(vals, descending=True, stable=True).indices[: h * extra]
+            joint = torch.bincount(best // n, minlength=h).cpu()
+        want = (1.0 - self.alpha) * joint.double() + int(self.alpha * extra)
         quota = self._empty_quota(state)
-        quota[:, 0] = head_min - f + extra
+        quota[:, 0] = apportion(h * extra, want, state.group_sizes[0].expand(h))
         return quota
 
 
 @dataclass
-class LookMPolicy(Policy):
-    """LOOK-M text-prior eviction: text tokens first (best-scored if they exceed the budget), then
-    visual tokens by score. No KV merging. Scores: unpooled window attention."""
-
-    scorer: Scorer = field(default_factory=lambda: WindowAttention(kernel_size=1))
+class LookMPolicy(H2OPolicy):
+    """LOOK-M text-prior eviction (no KV merging): H2O's recent block (round(recent_ratio * B)
+    tokens, with the window) and sinks are forced; then every text token (the best-scored if they
+    exceed the rest of the budget), then visual tokens by score. Scores: unpooled window attention.
+    LOOK-M compresses the prompt only; during decoding (every generated token is text, so a text
+    prior would push the images out) a head is re-compressed with the H2O rule it is built on."""
 
     def content_group(self, modality):
         return (modality != TEXT).long()  # 0 text, 1 any visual/audio
@@ -628,6 +633,10 @@ class LookMPolicy(Policy):
         quota = self._empty_quota(state)
         quota[:, 0], quota[:, 1] = text, slots - text
         return quota
+
+    def decode_rule(self):
+        return H2OPolicy(window=self.window, sink_tokens=self.sink_tokens, scorer=self.scorer,
+                         recent_ratio=self.recent_ratio)
 
 
 @dataclass
@@ -746,7 +755,7 @@ class MadaKVPolicy(Policy):
 
 def make_policy(cfg: MadaKVConfig) -> Policy:
     """The policy named by ``cfg.policy``, with cfg's knobs."""
-    common = dict(window=cfg.window, sink_tokens=cfg.sink_tokens)
+    common = dict(window=cfg.window, sink_tokens=cfg.sinks)
     pooled = WindowAttention(cfg.kernel_size, cfg.pooling)
     name = cfg.policy
     if name == "full":
@@ -762,7 +771,7 @@ def make_policy(cfg: MadaKVConfig) -> Policy:
     if name == "adakv":
         return AdaKVPolicy(**common, scorer=pooled, alpha=cfg.adakv_alpha)
     if name == "lookm":
-        return LookMPolicy(**common)
+        return LookMPolicy(**common, recent_ratio=cfg.h2o_recent_ratio)
     if name == "madakv":
         return MadaKVPolicy(
             **common, scorer=pooled, mpa=cfg.mpa, hcc=cfg.hcc, theta=cfg.theta, min_per_head=cfg.head_floor,

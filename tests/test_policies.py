@@ -223,8 +223,11 @@ def test_streamingllm_sinks_and_recent():
     mod = torch.zeros(10, dtype=torch.long)
     kept, _ = run(MadaKVConfig(policy="streamingllm", window=2, sink_tokens=2, budget=6), qs, ks, mod)
     assert kept[0][0].tolist() == [0, 1, 6, 7, 8, 9]
-    kept, _ = run(MadaKVConfig(policy="streamingllm", window=2, budget=4), qs, ks, mod)
+    kept, _ = run(MadaKVConfig(policy="streamingllm", window=2, sink_tokens=0, budget=4), qs, ks, mod)
     assert kept[0][0].tolist() == [6, 7, 8, 9]
+    # by default StreamingLLM keeps its paper's 4 sinks (the budget is raised to hold sinks + window)
+    kept, state = run(MadaKVConfig(policy="streamingllm", window=2, budget=4), qs, ks, mod)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 8, 9] and state.budget == 6
 
 
 def test_h2o_heavy_hitters_plus_recent_share():
@@ -253,22 +256,34 @@ def test_pyramidkv_linear_layer_budgets():
 
 
 def test_pyramidkv_caps_at_prompt_length():
-    # E = 14, beta 20: 27.3 and 0.7 -> layer 0 capped at N - W = 16, layer 1 takes 12.
+    # E = 14, beta 20, N = 28 = 2E: 27.3 and 0.7 -> layer 0 capped at N - W = 24, layer 1 takes 4.
+    psi = torch.arange(28.0)[None]
+    cfg = MadaKVConfig(policy="pyramidkv", window=4)
+    _, state = select_from_scores(cfg, psi, torch.zeros(28, dtype=torch.long), 18, num_layers=2)
+    assert state.kept_counts[:, 0].tolist() == [28, 8]
+
+
+def test_pyramidkv_is_uniform_when_the_prompt_is_shorter_than_twice_the_budget():
+    # As the reference (KVCache-Factory PyramidKVCluster): N = 20 < 2E = 28 -> SnapKV's uniform budget.
     psi = torch.arange(20.0)[None]
     cfg = MadaKVConfig(policy="pyramidkv", window=4)
     _, state = select_from_scores(cfg, psi, torch.zeros(20, dtype=torch.long), 18, num_layers=2)
-    assert state.kept_counts[:, 0].tolist() == [20, 16]
+    assert state.kept_counts[:, 0].tolist() == [18, 18]
 
 
-def test_adakv_per_head_floor_then_joint_topk():
-    # B = 6, alpha 0.5 -> floor 3 per head (window 2 + its best); 6 more slots over both heads.
+def test_adakv_joint_topk_then_safeguard():
+    # B = 6, W = 2 -> E = 4 content slots per head, 8 for the layer. Joint top-8: all in head 0
+    # (c = [8, 0]); safeguard alpha 0.5: (1 - 0.5) * c + int(0.5 * 4) = [6, 2].
     head0 = [10.0, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0]
     head1 = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01, 0, 0]
     psi = torch.tensor([head0, head1])
     cfg = MadaKVConfig(policy="adakv", window=2, adakv_alpha=0.5)
     kept, state = select_from_scores(cfg, psi, torch.zeros(12, dtype=torch.long), 6)
-    assert as_lists(kept[0]) == [[0, 1, 2, 3, 4, 5, 6, 10, 11], [0, 10, 11]]
-    assert state.kept_counts.tolist() == [[9, 3]]
+    assert as_lists(kept[0]) == [[0, 1, 2, 3, 4, 5, 10, 11], [0, 1, 10, 11]]
+    assert state.kept_counts.tolist() == [[8, 4]]
+    # alpha 0: the unconstrained joint allocation
+    kept, state = select_from_scores(cfg.model_copy(update={"adakv_alpha": 0.0}), psi, torch.zeros(12, dtype=torch.long), 6)
+    assert state.kept_counts.tolist() == [[10, 2]]
 
 
 def test_adakv_alpha_one_is_uniform():
@@ -281,12 +296,24 @@ def test_adakv_alpha_one_is_uniform():
 def test_lookm_protects_text_then_best_visual():
     mod = torch.tensor([TEXT] * 4 + [IMAGE] * 6 + [TEXT] * 2)
     psi = torch.tensor([[0.0, 0, 0, 0, 1, 5, 2, 4, 3, 0, 9, 9]])
-    cfg = MadaKVConfig(policy="lookm", window=2)
+    cfg = MadaKVConfig(policy="lookm", window=2, h2o_recent_ratio=0.0)  # recent block = the window only
     kept, _ = select_from_scores(cfg, psi, mod, 8)
     assert kept[0][0].tolist() == [0, 1, 2, 3, 5, 7, 10, 11]
+    # LOOK-M's own recent block (H2O's, half the budget): 4 recent, then the 4 text tokens
+    kept, _ = select_from_scores(cfg.model_copy(update={"h2o_recent_ratio": 0.5}), psi, mod, 8)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
     psi_text = torch.tensor([[1.0, 3, 2, 0, 9, 9, 9, 9, 9, 9, 0, 0]])
     kept, _ = select_from_scores(cfg, psi_text, mod, 4)  # 2 slots, 4 text tokens: best 2 text
     assert kept[0][0].tolist() == [1, 2, 10, 11]
+
+
+def test_lookm_decodes_with_h2o_not_the_text_prior():
+    """Generated tokens are text: a text prior at decode time would evict the prompt's images
+    first. LOOK-M compresses the prompt only; its decode rule is the H2O rule it builds on."""
+    mod = torch.tensor([TEXT] * 2 + [IMAGE] * 4 + [TEXT] * 6)  # 6 generated (text) entries at the end
+    psi = torch.tensor([0.0, 0, 5, 4, 3, 2, 0, 0, 0, 0, 9, 9])
+    pol = make_policy(MadaKVConfig(policy="lookm", window=2, h2o_recent_ratio=0.0))
+    assert pol.recompress_scores(psi, mod, 5).tolist() == [2, 3, 4, 10, 11]
 
 
 MPA_MOD = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
@@ -610,13 +637,14 @@ RE_MOD = torch.tensor([TEXT] * 5 + [IMAGE] * 5 + [TEXT] * 2)
     ("snapkv", {}, 8, [0, 1, 2, 3, 5, 6, 10, 11]),
     ("snapkv", {}, 9, [0, 1, 2, 3, 5, 6, 7, 10, 11]),
     ("madakv", {}, 9, [0, 1, 2, 3, 4, 5, 6, 10, 11]),
-    # StreamingLLM: sinks + the most recent, whatever the scores.
-    ("streamingllm", {}, 5, [7, 8, 9, 10, 11]),
+    # StreamingLLM: sinks (4 by default, as many as fit) + the most recent, whatever the scores.
+    ("streamingllm", {"sink_tokens": 0}, 5, [7, 8, 9, 10, 11]),
     ("streamingllm", {"sink_tokens": 1}, 5, [0, 8, 9, 10, 11]),
+    ("streamingllm", {}, 5, [0, 1, 2, 10, 11]),
     # H2O: a recent block of round(0.5 * keep) = 3, then heavy hitters.
     ("h2o", {}, 6, [0, 1, 2, 9, 10, 11]),
-    # LOOK-M: every text entry first, then the best visual one.
-    ("lookm", {}, 8, [0, 1, 2, 3, 4, 5, 10, 11]),
+    # LOOK-M at decode: the H2O rule (recent block of 4, then heavy hitters), no text prior.
+    ("lookm", {}, 8, [0, 1, 2, 3, 8, 9, 10, 11]),
     # keep below the window: the most recent entries, every policy
     ("madakv", {}, 1, [11]),
     ("h2o", {}, 1, [11]),
@@ -640,7 +668,7 @@ def test_recompress_scores_with_each_policys_scorer():
     key = torch.randn(n, d, generator=gen)
     query = torch.randn(2, 2, d, generator=gen)  # group of 2 query heads, 2 window queries
     mod = torch.tensor([TEXT] * 10 + [IMAGE] * 18 + [TEXT] * 2)
-    assert _decode_policy("streamingllm").recompress(query, key, mod, 6).tolist() == list(range(24, 30))
+    assert _decode_policy("streamingllm", sink_tokens=0).recompress(query, key, mod, 6).tolist() == list(range(24, 30))
     for name, kernel in (("snapkv", 5), ("h2o", 1), ("lookm", 1), ("madakv", 5)):
         pol = _decode_policy(name)
         psi = window_scores(query, key[None], kernel, "avg")[0]
