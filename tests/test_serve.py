@@ -90,3 +90,18 @@ def test_offline_llm_with_spawned_processes_matches_in_process(model_dir, engine
     p = [mm_prompt("qwen2vl", [0, words(600), 1]), mm_prompt("qwen2vl", [words(50, 1)])]
     local = [list(o.outputs[0].token_ids) for o in llm.generate(p, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)]
     assert spawned == local
+
+
+def test_readme_demo_shows_eviction_on_the_trained_vlm(capsys):
+    """README command 1's path: the trained proxy VLM through `vllm serve --attention-backend madakv`,
+    the same long multimodal question with the full cache and at budget 0.2: the full-cache answer
+    is right (exit 0), the compressed request holds fewer pages (vLLM's own usage gauge), and the
+    plugin's per-modality kept counts are printed."""
+    from madakv_vllm import demo
+
+    assert demo.main([]) == 0
+    out = capsys.readouterr().out
+    pages = next(line for line in out.splitlines() if line.startswith("KV pages held"))
+    full, ours = (int(x) for x in pages.split()[-2:])
+    assert 0 < ours < full / 2, pages
+    assert "image tokens kept per head" in out and "text tokens kept per head" in out

@@ -269,6 +269,8 @@ class EvictionState:
             rs.compressed = True
             if rs.plan.interval <= 0:
                 rs.queries = [None] * L  # no re-compression: the window queries are not needed again
+            if logger.isEnabledFor(logging.DEBUG):
+                log_compression(rs, all_mods, ent_mod, counts, len(ev.block_ids), len(pages))
 
     # --- reading entries -----------------------------------------------------------
 
@@ -304,3 +306,23 @@ class EvictionState:
             rs.ent_pos = torch.nn.functional.pad(rs.ent_pos, (0, new_cap - cap))
 
 
+
+
+MODALITY_NAMES = ("text", "image", "video", "audio")
+
+
+def log_compression(rs: RequestKV, prompt_mods: torch.Tensor, ent_mod: torch.Tensor, counts: torch.Tensor,
+                    pages_before: int, pages_after: int) -> None:
+    """One DEBUG line per prompt compression (the demo parses it): per modality, prompt tokens and
+    the tokens kept per (layer, KV head) on average; the request's KV pages before and after."""
+    L, H = counts.shape
+    in_prompt = torch.bincount(prompt_mods.long(), minlength=len(MODALITY_NAMES))
+    kept = torch.zeros(len(MODALITY_NAMES), dtype=torch.long)
+    for l in range(L):
+        for h in range(H):
+            kept += torch.bincount(ent_mod[l, h, : int(counts[l, h])].long(), minlength=len(MODALITY_NAMES))
+    parts = [f"{name}={int(in_prompt[m])}->{float(kept[m]) / (L * H):.1f}"
+             for m, name in enumerate(MODALITY_NAMES) if in_prompt[m] > 0]
+    logger.debug("madakv compressed request=%s policy=%s budget=%s tokens=%d kept_per_head: %s pages=%d->%d",
+                 rs.req_id, rs.cfg.policy, rs.cfg.budget, int(prompt_mods.numel()), " ".join(parts),
+                 pages_before, pages_after)
