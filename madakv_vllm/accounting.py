@@ -20,7 +20,7 @@ then cross sub-block boundaries exactly when vLLM's logical length crosses a pag
 boundary, so the page vLLM appends is the one every head needs. The per-head budget
 B = P*bs + r is the requested one rounded to nearest, never more than 15% above it,
 never below the window (+ sinks): after compression a request holds at most
-1.15 x budget x stock plus one partly filled page (issue 4.2).
+1.15 x budget x stock plus one partly filled page.
 Without alignment, per-head counts are arbitrary: rounding each of the L*H sequences
 up to whole sub-blocks wastes less than L*H sub-blocks, i.e. less than one page,
 hence P = ceil(B / bs) + 1 next to the tail.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from madakv_vllm.config import MadaKVConfig
 
-#: Most a page-aligned budget may exceed the requested one (issue 4: 1.15 x budget x stock).
+#: Most a page-aligned budget may exceed the requested one (the memory bound: 1.15 x budget x stock).
 ALIGN_SLACK = 1.15
 
 
@@ -68,6 +68,27 @@ class CompressionPlan:
         """Indices (into the request's block list) of the blocks the request still owns."""
         first, tail = self.freed_range(event_len, block_size)
         return list(range(first)) + list(range(tail, num_blocks))
+
+
+@dataclass(kw_only=True)
+class RequestPlan:
+    """What the scheduler and the workers both know of one request. Each side calls
+    :meth:`prompt_done` with the request's computed length every step; the plan is decided once,
+    in the step that completes the prompt, identically on both sides."""
+
+    cfg: MadaKVConfig
+    num_prompt_tokens: int
+    decided: bool = False
+    plan: CompressionPlan | None = None  # None: nothing is evicted
+
+    def prompt_done(self, length: int, block_size: int) -> bool:
+        """True exactly once: when ``length`` first reaches the prompt (the prompt's compression
+        runs at that length); decides :attr:`plan` then."""
+        if self.decided or length < self.num_prompt_tokens:
+            return False
+        self.decided = True
+        self.plan = plan_compression(self.cfg, length, block_size)
+        return True
 
 
 def aligned_pages(budget: int, offset: int, forced: int, block_size: int) -> int:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-POLICIES = ("madakv", "full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "lookm")
 PolicyName = Literal["madakv", "full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "lookm"]
+POLICIES: tuple[str, ...] = get_args(PolicyName)
 
 # Modality ids used everywhere (policies, provenance, tests).
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
@@ -126,6 +126,26 @@ def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
 
 class MadaKVConfigError(ValueError):
     pass
+
+
+_RESOLVED: dict[tuple[MadaKVConfig, str], MadaKVConfig] = {}
+
+
+def resolve(server: MadaKVConfig, extra_args: dict[str, Any] | None) -> MadaKVConfig:
+    """A request's effective config: the server config with the request's ``madakv_*`` overrides
+    (``SamplingParams.extra_args`` / OpenAI ``vllm_xargs``). Raises ValueError naming the field.
+    Parsed once per process for each distinct server config and overrides."""
+    overrides = request_overrides(extra_args)
+    if not overrides:
+        return server
+    import json
+
+    key = (server, json.dumps(overrides, sort_keys=True, default=repr))
+    if key not in _RESOLVED:
+        if len(_RESOLVED) > 4096:  # distinct override sets are few in practice; bound it anyway
+            _RESOLVED.clear()
+        _RESOLVED[key] = server.with_overrides(overrides)
+    return _RESOLVED[key]
 
 
 def parse_config(data: dict[str, Any] | None) -> MadaKVConfig:

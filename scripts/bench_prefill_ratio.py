@@ -70,9 +70,9 @@ class Hooks:
         self.n = {k: 0 for k in self.t}
         self._undo = []
         for owner, name, key in [(cpu_backend.MadaKVCPUMetadataBuilder, "build", "build"),
-                                 (eviction.EvictionState, "select_layer", "select_layer"),
-                                 (eviction.EvictionState, "read_stock", "read_stock"),
-                                 (eviction.EvictionState, "compact", "compact"),
+                                 (eviction.WorkerKV, "select_layer", "select_layer"),
+                                 (eviction.WorkerKV, "read_stock", "read_stock"),
+                                 (eviction.WorkerKV, "compact", "compact"),
                                  (eviction.RequestKV, "push_queries", "push_queries")]:
             orig = getattr(owner, name)
             setattr(owner, name, self._wrap(orig, key))

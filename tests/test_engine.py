@@ -212,12 +212,12 @@ def test_compacted_attention_equals_dense_reference(engine):
             reqs[pol] = (prompt, greedy(40, **extra))
         growth = []
 
-        def bounded(step):  # issue 4.4: never more than budget + interval entries per head
+        def bounded(step):  # never more than budget + interval entries per head
             from madakv_vllm.integration import per_head
 
             for st in per_head.STATES:
                 for rs in st.requests.values():
-                    if rs.compressed:
+                    if rs.is_compressed:
                         growth.append(int((rs.lens - rs.base_counts).max()))
 
         outs = _run(llm, reqs, bounded)
@@ -300,11 +300,11 @@ def test_window_queries_are_the_last_prompt_queries(engine, monkeypatch):
     """At selection, each layer scores with the queries of the last W prompt tokens, including
     when the final prefill chunk is shorter than W (chunked prefill) or the prompt is one chunk."""
     from madakv_vllm.integration import per_head
-    from madakv_vllm.integration.eviction import EvictionState
+    from madakv_vllm.integration.eviction import WorkerKV
 
     llm = engine("qwen2vl", FULL)
     seen = {}
-    orig_after, orig_select = per_head.after_attention, EvictionState.select_layer
+    orig_after, orig_select = per_head.after_attention, WorkerKV.select_layer
 
     def after(batch, layer_idx, layer, query, *rest):
         seen["query"], seen["batch"] = query, batch
@@ -312,17 +312,17 @@ def test_window_queries_are_the_last_prompt_queries(engine, monkeypatch):
 
     checks = []
 
-    def select(self, ev, layer, layer_obj=None):
+    def select(self, ev, layer):
         q = ev.req.queries[layer]
-        row = [r for r in seen["batch"].query_rows if r[0] == ev.row][0]
+        row = [r for r in seen["batch"].query_rows if r[1] is ev.req][0]
         last = seen["query"][row[3] - 1]
         assert q is not None and q.shape[1] == min(ev.req.cfg.window, ev.length)
         assert torch.equal(q[:, -1], last)
         checks.append((ev.length, row[3] - row[2]))
-        return orig_select(self, ev, layer, layer_obj)
+        return orig_select(self, ev, layer)
 
     monkeypatch.setattr(per_head, "after_attention", after)
-    monkeypatch.setattr(EvictionState, "select_layer", select)
+    monkeypatch.setattr(WorkerKV, "select_layer", select)
     tok = llm.get_tokenizer()
     # 512-token chunks: the first prompt ends with a chunk shorter than the window
     n_words = next(n for n in range(400, 700) if len(tok(mm_prompt("qwen2vl", [words(n)])["prompt"]).input_ids) % 512 in range(3, 20))

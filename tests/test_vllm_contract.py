@@ -4,6 +4,7 @@ Each entry of VLLM_TOUCHPOINTS must still exist; the call signatures we rely on
 must still accept the arguments we pass; the KV block layout must still read back.
 """
 
+import dataclasses
 import importlib
 import inspect
 
@@ -29,65 +30,112 @@ def test_vllm_minor_version():
     )
 
 
-@pytest.mark.parametrize("module, qualname, why", VLLM_TOUCHPOINTS, ids=[t[1] for t in VLLM_TOUCHPOINTS])
-def test_touchpoint_exists(module, qualname, why):
+def _resolve(module: str, qualname: str):
+    """(owner, name, obj) for module.qualname; obj None when the name is an instance attribute or a
+    dataclass field without a class-level value (checked by _has_attribute)."""
     obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        assert hasattr(obj, part), f"vLLM moved {module}.{qualname} ({why})"
-        obj = getattr(obj, part)
+    parts = qualname.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(obj, part):
+            assert i == len(parts) - 1 and inspect.isclass(obj) and _has_attribute(obj, part), (
+                f"vLLM moved {module}.{qualname}")
+            return obj, part, None
+        owner, obj = obj, getattr(obj, part)
+    return owner, parts[-1], obj
 
 
-@pytest.mark.parametrize("module, qualname, why", VLLM_CUDA_TOUCHPOINTS, ids=[t[1] for t in VLLM_CUDA_TOUCHPOINTS])
-def test_cuda_touchpoint_exists(module, qualname, why):
+def _has_attribute(cls, name: str) -> bool:
+    """A field (dataclass, annotation) or an attribute its __init__ / __post_init__ sets."""
+    if dataclasses.is_dataclass(cls) and name in {f.name for f in dataclasses.fields(cls)}:
+        return True
+    if any(name in getattr(k, "__annotations__", {}) for k in cls.__mro__):
+        return True
+    for init in ("__init__", "__post_init__"):
+        try:
+            src = inspect.getsource(getattr(cls, init))
+        except (AttributeError, OSError, TypeError):
+            continue
+        if f"self.{name} =" in src or f"self.{name}:" in src:
+            return True
+    return False
+
+
+def _check_touchpoint(t):
+    owner, name, obj = _resolve(t.module, t.qualname)
+    if t.params is not None:
+        assert obj is not None and callable(obj), f"{t.module}.{t.qualname} is no longer callable ({t.why})"
+        fn = getattr(obj, "__wrapped__", obj)  # our own wrapper (patches.py) keeps the original's signature
+        got = list(inspect.signature(fn.__func__ if inspect.ismethod(fn) else fn).parameters)
+        assert got[: len(t.params)] == list(t.params), f"{t.module}.{t.qualname}: parameters {got} ({t.why})"
+
+
+@pytest.mark.parametrize("t", VLLM_TOUCHPOINTS, ids=[t.qualname for t in VLLM_TOUCHPOINTS])
+def test_touchpoint_exists_with_its_signature(t):
+    _check_touchpoint(t)
+
+
+@pytest.mark.parametrize("t", VLLM_CUDA_TOUCHPOINTS, ids=[t.qualname for t in VLLM_CUDA_TOUCHPOINTS])
+def test_cuda_touchpoint_exists(t):
     try:
-        obj = importlib.import_module(module)
+        importlib.import_module(t.module)
     except (ImportError, OSError) as e:  # no CUDA build, or a CUDA build without the driver library
-        pytest.skip(f"{module} does not import here ({type(e).__name__}: {e}): it needs vLLM's CUDA build "
+        pytest.skip(f"{t.module} does not import here ({type(e).__name__}: {e}): it needs vLLM's CUDA build "
                     "and an NVIDIA driver")
-    for part in qualname.split("."):
-        assert hasattr(obj, part), f"vLLM moved {module}.{qualname} ({why})"
-        obj = getattr(obj, part)
+    _check_touchpoint(t)
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def test_every_patch_is_a_listed_touchpoint_and_back():
+    """patches.install() records what it wraps: that set must equal the "wrapped" touchpoints
+    (those whose module imports here), so a patch added without its touchpoint fails here."""
+    import madakv_vllm
+    from madakv_vllm.integration import patches
+
+    madakv_vllm.register()
+    listed = {(t.module, t.qualname) for t in VLLM_TOUCHPOINTS + VLLM_CUDA_TOUCHPOINTS
+              if t.kind == "wrapped" and _importable(t.module)}
+    assert len(patches.PATCHED) == len(set(patches.PATCHED)), "a symbol was wrapped twice"
+    assert set(patches.PATCHED) == listed
+    for module, qualname in patches.PATCHED:  # and the wrapper is what vLLM now calls
+        _, _, obj = _resolve(module, qualname)
+        assert hasattr(obj, "__wrapped__"), f"{module}.{qualname} is not our wrapper"
+
+
+def test_no_vllm_patch_outside_patches_module():
+    """Assignments to a vLLM class attribute (``Cls.attr = ...``, setattr on a class) appear only in
+    patches.py."""
+    import re
+
+    from conftest import ROOT
+
+    offenders = []
+    for path in (ROOT / "madakv_vllm").rglob("*.py"):
+        if path.name == "patches.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.match(r"\s*[A-Z][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]* = ", line) or re.search(r"setattr\([A-Z]", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, offenders
 
 
 def _params(fn):
     return list(inspect.signature(fn).parameters)
 
 
-def test_signatures_we_call_or_wrap():
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    assert _params(FullAttentionManager.remove_skipped_blocks)[:4] == [
-        "self", "request_id", "processed_computed_tokens", "num_prompt_tokens"
-    ]
-    assert _params(SingleTypeKVCacheManager._remove_blocks_in_range) == ["self", "request_id", "first_block", "last_block"]
-    assert _params(SingleTypeKVCacheManager.pop_blocks_for_free) == ["self", "request_id"]
-    assert _params(KVCacheManager.allocate_slots)[:2] == ["self", "request"]
-    assert _params(InputProcessor._validate_params) == ["self", "params", "supported_tasks"]
-    assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
-    assert _params(GPUModelRunner.initialize_metadata_builders)[:2] == ["self", "kv_cache_config"]
+def test_validate_configuration_takes_every_selector_field():
     from vllm.v1.attention.backend import AttentionBackend
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
     # plugin.validate_backend passes every selector field plus the device capability, as stock does.
     assert set(AttentionSelectorConfig._fields) | {"cls", "device_capability"} == set(
         _params(AttentionBackend.validate_configuration.__func__))
-
-
-@needs_cpu_build
-def test_signatures_of_the_cpu_kernels_we_call():
-    from vllm import _custom_ops as ops
-
-    for name, needed in [
-        ("cpu_attention_with_kv_cache", ["query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens",
-                                         "scale", "causal", "block_table", "scheduler_metadata"]),
-        ("cpu_attn_reshape_and_cache", ["key", "value", "key_cache", "value_cache", "slot_mapping", "isa"]),
-        ("cpu_attn_get_scheduler_metadata", ["num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens",
-                                             "dtype", "query_start_loc", "causal", "isa"]),
-    ]:
-        assert set(needed) <= set(_params(getattr(ops, name))), name
 
 
 @needs_cpu_build
@@ -203,8 +251,7 @@ def test_worker_refuses_to_start_under_a_runner_it_does_not_hook(model_dir, monk
 
     import madakv_vllm
 
-    madakv_vllm.register()
-    from madakv_vllm.integration import cpu_backend  # noqa: F401  (installs the hook)
+    madakv_vllm.register()  # installs the hook (patches.py)
 
     hooked = GPUModelRunner.initialize_metadata_builders
     monkeypatch.setattr(GPUModelRunner, "initialize_metadata_builders", hooked.__wrapped__)

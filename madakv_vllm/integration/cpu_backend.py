@@ -3,7 +3,7 @@
 A thin adapter: it runs vLLM's own CPU paged-attention kernels on a per-head
 view of the KV buffer, one kernel sequence per (request, KV head), so each head
 can hold its own token set, and delegates the choice of tokens to
-madakv_vllm.policies through EvictionState.
+madakv_vllm.policies through WorkerKV.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from madakv_vllm.integration import per_head
-from madakv_vllm.integration.eviction import EvictionState
+from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import FlatKVCache
 from madakv_vllm.integration.plugin import server_config
 
 logger = logging.getLogger("vllm.madakv")
 
-per_head.install_runner_hook()
 
 
 class MadaKVCPUBackend(CPUAttentionBackend):
@@ -79,7 +78,7 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.window_size != -1:
             raise ValueError("--attention-backend madakv does not support sliding-window attention layers")
         self._layers = sorted(layer_names, key=extract_layer_index)
-        self.state = EvictionState(
+        self.state = WorkerKV(
             server_config(vllm_config), self._layers, self.num_kv_heads, self.num_heads, self.head_dim, self.block_size
         )
         per_head.STATES.add(self.state)

@@ -41,11 +41,10 @@ from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 
 from madakv_vllm.integration import per_head
 from madakv_vllm.integration.cpu_backend import layer_caches
-from madakv_vllm.integration.eviction import EvictionState
+from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import TorchFlatKVCache
 from madakv_vllm.integration.plugin import server_config
 
-per_head.install_runner_hook()
 
 
 #: FlashAttention versions whose paged varlen call (block_table, seqused_k) we make.
@@ -120,7 +119,7 @@ class MadaKVCUDAMetadataBuilder(AttentionMetadataBuilder[MadaKVCUDAMetadata]):
         self.device = device
         self.block_size = kv_cache_spec.block_size
         self._layers = sorted(layer_names, key=extract_layer_index)
-        self.state = EvictionState(
+        self.state = WorkerKV(
             server_config(vllm_config), self._layers, kv_cache_spec.num_kv_heads, num_heads,
             kv_cache_spec.head_size, self.block_size,
         )

@@ -18,43 +18,51 @@ physical slots, per-head lengths and block tables do.
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from madakv_vllm.accounting import CompressionPlan, plan_compression
-from madakv_vllm.config import MadaKVConfig, request_overrides
+from madakv_vllm.accounting import RequestPlan
+from madakv_vllm.config import MadaKVConfig
+from madakv_vllm.integration.kv_manager import request_config
 from madakv_vllm.integration.paged import FlatKVCache
 from madakv_vllm.modality import modality_array
 
 logger = logging.getLogger("vllm.madakv")
 
 
-@dataclass
-class RequestKV:
+@dataclass(kw_only=True)
+class RequestKV(RequestPlan):
+    """One request on a worker: its plan (shared rule with the scheduler, accounting.py) and, once
+    compressed, where each (layer, KV head)'s retained entries live."""
+
     req_id: str
-    cfg: MadaKVConfig
-    num_prompt_tokens: int
     mm_features: list
-    decided: bool = False
-    plan: CompressionPlan | None = None
     # rolling window of the most recent queries, per layer: [Hq, W, D]
     queries: list[torch.Tensor | None] = field(default_factory=list)
-    num_queries: int = 0
-    # compressed layout (valid once `compressed`)
-    compressed: bool = False
-    event_len: int = 0
-    sub: torch.Tensor | None = None  # [L, H, cap] flat sub-block ids (int64)
-    nsub: torch.Tensor | None = None  # [L, H]
+    # Compressed layout (set by the prompt's compaction). Entry j of (layer l, head h) -- its j-th
+    # retained token, in position order -- lives in slot j % bs of flat sub-block
+    # subblocks[l, h, j // bs] of the per-head view (paged.FlatKVCache).
+    event_len: int = 0  # logical length at the latest compression event
+    subblocks: torch.Tensor | None = None  # [L, H, cap] flat sub-block ids owned by each sequence (int64)
     lens: torch.Tensor | None = None  # [L, H] entries per (layer, head)
     base_counts: torch.Tensor | None = None  # [L, H] retained after the prompt's compression
-    ent_mod: torch.Tensor | None = None  # [L, H, cap_tokens] modality of each entry
-    ent_pos: torch.Tensor | None = None  # [L, H, cap_tokens] logical position of each entry
-    free: list[int] = field(default_factory=list)
-    known_blocks: int = 0
+    entry_modality: torch.Tensor | None = None  # [L, H, cap_tokens] modality id of each entry
+    entry_position: torch.Tensor | None = None  # [L, H, cap_tokens] logical position of each entry
+    free: list[int] = field(default_factory=list)  # owned sub-blocks not yet used by any sequence
+    known_blocks: int = 0  # pages of the request's block list already split into `free`
 
     _modality: torch.Tensor | None = None
+
+    @property
+    def is_compressed(self) -> bool:
+        return self.subblocks is not None
+
+    def used_subblocks(self, block_size: int) -> torch.Tensor:
+        """[L, H] sub-blocks each sequence uses: exactly enough for its entries."""
+        return (self.lens + block_size - 1) // block_size
 
     def modality(self, length: int) -> torch.Tensor:
         """int8 [length] modality ids, built once from the placeholders and cached."""
@@ -75,20 +83,28 @@ class RequestKV:
         self.queries[layer] = buf
 
 
+class EventKind(enum.Enum):
+    PROMPT = "prompt"  # the prompt is fully computed: compress it
+    RECOMPRESS = "recompress"  # recompress_interval tokens generated since the last compression
+
+
 @dataclass
 class Event:
-    row: int  # batch row
+    """One compression of one request in this step."""
+
     req: RequestKV
     length: int  # logical length after this step
-    kind: str  # "prompt" | "recompress"
+    kind: EventKind
     block_ids: list[int]
     kept: list = field(default_factory=list)  # per layer: list of H index tensors
     policy: object = None  # the request's policy (policies.Policy)
     policy_state: object = None  # policies.CompressionState of a prompt event
 
 
-class EvictionState:
-    """All MadaKV requests of one worker (one KV cache group)."""
+class WorkerKV:
+    """The worker's MadaKV requests of one KV cache group: their registry (request id ->
+    RequestKV), the policy's selection after each layer, and the compactor that packs retained
+    KV into the pages that stay."""
 
     def __init__(self, server_config: MadaKVConfig, layer_names: list[str], num_kv_heads: int, num_heads: int, head_size: int, block_size: int):
         self.server_config = server_config
@@ -109,34 +125,28 @@ class EvictionState:
     def request(self, req_id: str, req_state) -> RequestKV:
         rs = self.requests.get(req_id)
         if rs is None:
-            params = req_state.sampling_params
-            try:
-                cfg = self.server_config.with_overrides(request_overrides(params.extra_args if params else None))
-            except ValueError as e:
-                logger.warning("madakv: ignoring invalid per-request args of %s: %s", req_id, e)
-                cfg = self.server_config
-            rs = RequestKV(req_id, cfg, req_state.num_prompt_tokens, list(req_state.mm_features or []))
+            cfg = request_config(self.server_config, req_id, req_state.sampling_params)
+            rs = RequestKV(req_id=req_id, cfg=cfg, num_prompt_tokens=req_state.num_prompt_tokens,
+                           mm_features=list(req_state.mm_features or []))
             rs.queries = [None] * self.num_layers
             self.requests[req_id] = rs
         return rs
 
     # --- per step ---------------------------------------------------------------
 
-    def plan_row(self, row: int, rs: RequestKV, length: int, block_ids: list[int]) -> Event | None:
+    def plan_row(self, rs: RequestKV, length: int, block_ids: list[int]) -> Event | None:
         """Decide whether this step's chunk triggers a compression event."""
         if not rs.decided:
-            if length < rs.num_prompt_tokens:
+            if not rs.prompt_done(length, self.bs):
                 return None
-            rs.decided = True
-            rs.plan = plan_compression(rs.cfg, length, self.bs)
             if rs.plan is None:
                 rs.queries = [None] * self.num_layers  # never needed again
                 return None
-            return Event(row, rs, length, "prompt", list(block_ids))
+            return Event(rs, length, EventKind.PROMPT, list(block_ids))
         # The scheduler frees up to its event boundary; compacting at `length` >= that boundary
         # keeps a subset of the pages it keeps (madakv_vllm/accounting.py).
-        if rs.compressed and rs.plan.event_len(length) > rs.event_len:
-            return Event(row, rs, length, "recompress", list(block_ids))
+        if rs.is_compressed and rs.plan.event_len(length) > rs.event_len:
+            return Event(rs, length, EventKind.RECOMPRESS, list(block_ids))
         return None
 
     def append_slots(self, rs: RequestKV, block_ids: list[int], position: int) -> torch.Tensor:
@@ -150,28 +160,27 @@ class EvictionState:
             rs.free.extend(int(c.subblock(l, page, h)) for l in range(self.num_layers) for h in range(self.H))
         rs.known_blocks = len(block_ids)
         n = rs.lens
-        need = (n % self.bs == 0) & (n // self.bs == rs.nsub)
+        need = n % self.bs == 0  # the sequence's last sub-block is full (or it has none): take a new one
         k = int(need.sum())
         if k:
             if k > len(rs.free):
                 raise RuntimeError(f"madakv: request {rs.req_id} ran out of owned sub-blocks (accounting bug)")
-            self._ensure_capacity(rs, int(rs.nsub.max()) + 1)
+            self._ensure_capacity(rs, int((n // self.bs).max()) + 1)
             new = torch.tensor(rs.free[:k], dtype=torch.long)
             del rs.free[:k]
             li, hi = need.nonzero(as_tuple=True)
-            rs.sub[li, hi, rs.nsub[li, hi]] = new
-            rs.nsub[li, hi] += 1
+            rs.subblocks[li, hi, n[li, hi] // self.bs] = new
         idx = n // self.bs
-        slots = torch.gather(rs.sub, 2, idx.unsqueeze(-1)).squeeze(-1) * self.bs + n % self.bs
+        slots = torch.gather(rs.subblocks, 2, idx.unsqueeze(-1)).squeeze(-1) * self.bs + n % self.bs
         self._ensure_tokens(rs, int(n.max()) + 1)
-        rs.ent_mod.scatter_(2, n.unsqueeze(-1), 0)  # generated tokens are text
-        rs.ent_pos.scatter_(2, n.unsqueeze(-1), position)
+        rs.entry_modality.scatter_(2, n.unsqueeze(-1), 0)  # generated tokens are text
+        rs.entry_position.scatter_(2, n.unsqueeze(-1), position)
         rs.lens = n + 1
         return slots
 
     # --- selection (after each layer's attention) ---------------------------------
 
-    def select_layer(self, ev: Event, layer: int, layer_obj=None) -> None:
+    def select_layer(self, ev: Event, layer: int) -> None:
         """Right after ``layer``'s attention. Prompt: the policy scores the layer; after the last
         layer it selects every layer's tokens at once (HCC's global readings need all layers).
         Re-compression: each head is cut back to its count with the request's own policy."""
@@ -182,7 +191,7 @@ class EvictionState:
         queries = rs.queries[layer]  # [Hq, Wq, D]
         if ev.policy is None:
             ev.policy = make_policy(cfg)
-        if ev.kind == "prompt":
+        if ev.kind is EventKind.PROMPT:
             n = ev.length
             if ev.policy_state is None:
                 ev.policy_state = ev.policy.begin(
@@ -206,29 +215,29 @@ class EvictionState:
                 q = queries[h * self.G : (h + 1) * self.G, -wq:]
                 keep = int(rs.base_counts[layer, h]) - drop
                 keep = keep if keep >= 0 else keep + rs.plan.granule
-                idx = ev.policy.recompress(q.float(), keys.float(), rs.ent_mod[layer, h, :n].long(), keep)
+                idx = ev.policy.recompress(q.float(), keys.float(), rs.entry_modality[layer, h, :n].long(), keep)
                 kept.append(idx.to("cpu", torch.long))
             ev.kept.append(kept)
 
     # --- compaction (after the last layer) ---------------------------------------
 
-    def compact(self, ev: Event, layer_obj=None) -> None:
+    def compact(self, ev: Event) -> None:
         rs, c, bs, L, H = ev.req, self.cache, self.bs, self.num_layers, self.H
         counts = torch.tensor([[len(ev.kept[l][h]) for h in range(H)] for l in range(L)], dtype=torch.long)
         src_slots, mods, poss = [], [], []
-        if ev.kind == "prompt":
+        if ev.kind is EventKind.PROMPT:
             all_mods = rs.modality(ev.length)
         for l in range(L):
             for h in range(H):
                 idx = ev.kept[l][h]
-                if ev.kind == "prompt":
+                if ev.kind is EventKind.PROMPT:
                     src_slots.append(self.stock_slots(l, h, ev.block_ids, idx))
                     mods.append(all_mods[idx])
                     poss.append(idx)
                 else:
-                    src_slots.append(rs.sub[l, h, idx // bs] * bs + idx % bs)
-                    mods.append(rs.ent_mod[l, h, idx])
-                    poss.append(rs.ent_pos[l, h, idx].long())
+                    src_slots.append(rs.subblocks[l, h, idx // bs] * bs + idx % bs)
+                    mods.append(rs.entry_modality[l, h, idx])
+                    poss.append(rs.entry_position[l, h, idx].long())
         k_all, v_all = c.read(torch.cat(src_slots))  # gather everything before any write
 
         owned = rs.plan.owned_blocks(ev.length, len(ev.block_ids), bs)
@@ -252,25 +261,24 @@ class EvictionState:
             sub[l, h, :k] = pool[int(starts[i]) : int(starts[i]) + k]
             j = torch.arange(int(counts[l, h]))
             dst.append(sub[l, h, j // bs] * bs + j % bs)
-        c.write(k_all, v_all, torch.cat(dst), layer_obj)
+        c.write(k_all, v_all, torch.cat(dst))
 
         tok_cap = max(int(counts.max()) + max(rs.cfg.recompress_interval, 64), 64)
-        ent_mod = torch.zeros(L, H, tok_cap, dtype=torch.int8)
-        ent_pos = torch.zeros(L, H, tok_cap, dtype=torch.int32)
+        entry_modality = torch.zeros(L, H, tok_cap, dtype=torch.int8)
+        entry_position = torch.zeros(L, H, tok_cap, dtype=torch.int32)
         for i, (l, h) in enumerate((l, h) for l in range(L) for h in range(H)):
-            ent_mod[l, h, : int(counts[l, h])] = mods[i].to(torch.int8)
-            ent_pos[l, h, : int(counts[l, h])] = poss[i].to(torch.int32)
-        rs.sub, rs.nsub, rs.lens, rs.ent_mod, rs.ent_pos = sub, nsub, counts, ent_mod, ent_pos
+            entry_modality[l, h, : int(counts[l, h])] = mods[i].to(torch.int8)
+            entry_position[l, h, : int(counts[l, h])] = poss[i].to(torch.int32)
+        rs.subblocks, rs.lens, rs.entry_modality, rs.entry_position = sub, counts, entry_modality, entry_position
         rs.free = pool[total_sub:].tolist()
         rs.known_blocks = len(ev.block_ids)
         rs.event_len = ev.length
-        if ev.kind == "prompt":
+        if ev.kind is EventKind.PROMPT:
             rs.base_counts = counts.clone()
-            rs.compressed = True
             if rs.plan.interval <= 0:
                 rs.queries = [None] * L  # no re-compression: the window queries are not needed again
             if logger.isEnabledFor(logging.DEBUG):
-                log_compression(rs, all_mods, ent_mod, counts, len(ev.block_ids), len(pages))
+                log_compression(rs, all_mods, entry_modality, counts, len(ev.block_ids), len(pages))
 
     # --- reading entries -----------------------------------------------------------
 
@@ -287,23 +295,23 @@ class EvictionState:
 
     def read_compressed(self, rs: RequestKV, layer: int, head: int, n: int):
         j = torch.arange(n)
-        slots = rs.sub[layer, head, j // self.bs] * self.bs + j % self.bs
+        slots = rs.subblocks[layer, head, j // self.bs] * self.bs + j % self.bs
         return self.cache.read(slots)
 
     # --- growth ------------------------------------------------------------------
 
     def _ensure_capacity(self, rs: RequestKV, nsub: int) -> None:
-        if nsub > rs.sub.shape[2]:
-            grow = torch.zeros(*rs.sub.shape[:2], max(nsub, 2 * rs.sub.shape[2]), dtype=torch.long)
-            grow[:, :, : rs.sub.shape[2]] = rs.sub
-            rs.sub = grow
+        if nsub > rs.subblocks.shape[2]:
+            grow = torch.zeros(*rs.subblocks.shape[:2], max(nsub, 2 * rs.subblocks.shape[2]), dtype=torch.long)
+            grow[:, :, : rs.subblocks.shape[2]] = rs.subblocks
+            rs.subblocks = grow
 
     def _ensure_tokens(self, rs: RequestKV, n: int) -> None:
-        cap = rs.ent_mod.shape[2]
+        cap = rs.entry_modality.shape[2]
         if n > cap:
             new_cap = max(n, 2 * cap)
-            rs.ent_mod = torch.nn.functional.pad(rs.ent_mod, (0, new_cap - cap))
-            rs.ent_pos = torch.nn.functional.pad(rs.ent_pos, (0, new_cap - cap))
+            rs.entry_modality = torch.nn.functional.pad(rs.entry_modality, (0, new_cap - cap))
+            rs.entry_position = torch.nn.functional.pad(rs.entry_position, (0, new_cap - cap))
 
 
 
@@ -311,7 +319,7 @@ class EvictionState:
 MODALITY_NAMES = ("text", "image", "video", "audio")
 
 
-def log_compression(rs: RequestKV, prompt_mods: torch.Tensor, ent_mod: torch.Tensor, counts: torch.Tensor,
+def log_compression(rs: RequestKV, prompt_mods: torch.Tensor, entry_modality: torch.Tensor, counts: torch.Tensor,
                     pages_before: int, pages_after: int) -> None:
     """One DEBUG line per prompt compression (the demo parses it): per modality, prompt tokens and
     the tokens kept per (layer, KV head) on average; the request's KV pages before and after."""
@@ -320,7 +328,7 @@ def log_compression(rs: RequestKV, prompt_mods: torch.Tensor, ent_mod: torch.Ten
     kept = torch.zeros(len(MODALITY_NAMES), dtype=torch.long)
     for l in range(L):
         for h in range(H):
-            kept += torch.bincount(ent_mod[l, h, : int(counts[l, h])].long(), minlength=len(MODALITY_NAMES))
+            kept += torch.bincount(entry_modality[l, h, : int(counts[l, h])].long(), minlength=len(MODALITY_NAMES))
     parts = [f"{name}={int(in_prompt[m])}->{float(kept[m]) / (L * H):.1f}"
              for m, name in enumerate(MODALITY_NAMES) if in_prompt[m] > 0]
     logger.debug("madakv compressed request=%s policy=%s budget=%s tokens=%d kept_per_head: %s pages=%d->%d",

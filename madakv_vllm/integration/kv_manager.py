@@ -8,7 +8,6 @@ function of its compression length, effective config and the block size
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -16,8 +15,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from madakv_vllm.accounting import CompressionPlan, plan_compression
-from madakv_vllm.config import MadaKVConfig, request_overrides
+from madakv_vllm.accounting import RequestPlan
+from madakv_vllm.config import MadaKVConfig, resolve
 
 logger = logging.getLogger("vllm.madakv")
 
@@ -44,43 +43,24 @@ class MadaKVAttentionSpec(FullAttentionSpec):
         return cls(**base, madakv_config=config_json)
 
 
-@dataclass
-class _RequestPages:
-    cfg: MadaKVConfig
-    num_prompt_tokens: int
-    decided: bool = False
-    plan: CompressionPlan | None = None
-
-
 class MadaKVManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: MadaKVAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.server_config = MadaKVConfig.model_validate_json(kv_cache_spec.madakv_config)
-        self.requests: dict[str, _RequestPages] = {}
-        _install_allocate_hook()
+        self.requests: dict[str, RequestPlan] = {}
 
     def note_request(self, request) -> None:
-        """Called before every allocate_slots: learn the request's effective config once."""
-        if request.request_id in self.requests:
-            return
-        params = request.sampling_params
-        try:
-            cfg = self.server_config.with_overrides(request_overrides(params.extra_args if params else None))
-        except ValueError as e:  # validated in the frontend; never crash the engine here
-            logger.warning("madakv: ignoring invalid per-request args of %s: %s", request.request_id, e)
-            cfg = self.server_config
-        self.requests[request.request_id] = _RequestPages(cfg, request.num_prompt_tokens)
+        """Called before every allocate_slots (patches.py): learn the request's config once."""
+        if request.request_id not in self.requests:
+            cfg = request_config(self.server_config, request.request_id, request.sampling_params)
+            self.requests[request.request_id] = RequestPlan(cfg=cfg, num_prompt_tokens=request.num_prompt_tokens)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
         st = self.requests.get(request_id)
         if st is None:
             return
-        if not st.decided:
-            if processed_computed_tokens < st.num_prompt_tokens:
-                return
-            # The worker compressed at exactly this length, in the step that completed the prompt.
-            st.decided = True
-            st.plan = plan_compression(st.cfg, processed_computed_tokens, self.block_size)
+        # The worker compresses at exactly this length, in the step that completes the prompt.
+        st.prompt_done(processed_computed_tokens, self.block_size)
         if st.plan is None:
             return
         first, last = st.plan.freed_range(st.plan.event_len(processed_computed_tokens), self.block_size)
@@ -91,31 +71,19 @@ class MadaKVManager(FullAttentionManager):
         return super().pop_blocks_for_free(request_id)
 
 
-def _install_allocate_hook() -> None:
-    """KVCacheManager.allocate_slots sees the Request; single-type managers only its id."""
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-
-    if getattr(KVCacheManager, "_madakv_patched", False):
-        return
-    orig = KVCacheManager.allocate_slots
-
-    @functools.wraps(orig)
-    def allocate_slots(self, request, *args, **kwargs):
-        managers = self.__dict__.get("_madakv_managers")
-        if managers is None:
-            managers = [m for m in self.coordinator.single_type_managers if isinstance(m, MadaKVManager)]
-            self._madakv_managers = managers
-        for m in managers:
-            m.note_request(request)
-        return orig(self, request, *args, **kwargs)
-
-    KVCacheManager.allocate_slots = allocate_slots
-    KVCacheManager._madakv_patched = True
+def request_config(server: MadaKVConfig, req_id: str, sampling_params) -> MadaKVConfig:
+    """The engine side's view of a request's config. The frontend rejected invalid overrides
+    already (HTTP 400); anything that still fails here falls back to the server config with a
+    warning rather than crashing the engine. Scheduler and workers resolve identically."""
+    try:
+        return resolve(server, sampling_params.extra_args if sampling_params is not None else None)
+    except ValueError as e:
+        logger.warning("madakv: ignoring invalid per-request args of %s: %s", req_id, e)
+        return server
 
 
-def _register() -> None:
+def register_spec() -> None:
+    """Map our spec to our manager in vLLM's registry (idempotent; called by ``register()``). The
+    built-ins must be registered first, or the registry would skip them later."""
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(MadaKVAttentionSpec, MadaKVManager, uniform_type_base_spec=FullAttentionSpec)
-
-
-_register()

@@ -56,8 +56,9 @@ class FlatKVCache:
         """Flat sub-block id of (layer, page, head)."""
         return (self.layer_slot[layer] * self.num_blocks + page) * self.num_kv_heads + head
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, layer=None) -> None:
-        """k, v: [n, D]; slots: flat slot = subblock * bs + offset."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k, v: [n, D]; slots: flat slot = subblock * bs + offset. Unquantized caches only
+        (plugin.configure_engine refuses the others), so the scales are 1."""
         ops.cpu_attn_reshape_and_cache(
             k.unsqueeze(1),
             v.unsqueeze(1),
@@ -65,8 +66,8 @@ class FlatKVCache:
             self.value,
             slots,
             self.isa,
-            k_scale=getattr(layer, "_k_scale_float", 1.0),
-            v_scale=getattr(layer, "_v_scale_float", 1.0),
+            k_scale=1.0,
+            v_scale=1.0,
             kv_cache_dtype=self.kv_cache_dtype,
         )
 
@@ -135,7 +136,7 @@ class TorchFlatKVCache(FlatKVCache):
         slots = slots.to(self.flat.device, torch.long)
         return slots // self.block_size * (2 * self.block_size) + slots % self.block_size
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, layer=None) -> None:
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         keep = slots.to(self.flat.device) >= 0
         rows = self._rows(slots)[keep]
         self.entries[rows] = k[keep].to(self.flat.dtype)

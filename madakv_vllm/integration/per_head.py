@@ -8,14 +8,14 @@ only in the kernels they call.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from madakv_vllm.integration import verify
-from madakv_vllm.integration.eviction import EvictionState
+from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
 
 # --- worker hook: which request is in which batch row ---------------------------
@@ -24,12 +24,12 @@ from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
 # a worker must never run our attention backend under a model runner whose batches it cannot map
 # to requests (it would never compact, and the block table would point at freed pages). Only
 # vLLM's V1 runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``, which the CPU runner
-# subclasses) is hooked; plugin.py steers vLLM away from Model Runner V2 when madakv is selected,
-# and a metadata builder that is not built by a hooked runner refuses to start.
+# subclasses) is hooked (patches.py); vLLM is steered away from Model Runner V2 when madakv is
+# selected, and a metadata builder that is not built by a hooked runner refuses to start.
 
 # Server-wide config of the model built last in this process; customize_spec gets no config.
 _CONFIG_JSON: str | None = None
-STATES: "weakref.WeakSet[EvictionState]" = weakref.WeakSet()
+STATES: "weakref.WeakSet[WorkerKV]" = weakref.WeakSet()
 # The hooked runner whose attention metadata builders are being built right now.
 _BUILDING_RUNNER = None
 
@@ -63,38 +63,24 @@ def hooked_runner(caller: str):
     return _BUILDING_RUNNER
 
 
-def install_runner_hook() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def drop_requests(req_ids) -> None:
+    """Forget finished, preempted and resumed requests (patches: GPUModelRunner._update_states)."""
+    for st in STATES:
+        st.drop(req_ids)
+    if verify.ENABLED:
+        verify.SHADOW.drop(req_ids)
 
-    if getattr(GPUModelRunner, "_madakv_patched", False):
-        return
-    orig_update = GPUModelRunner._update_states
-    orig_init = GPUModelRunner.initialize_metadata_builders
 
-    @functools.wraps(orig_update)
-    def _update_states(self, scheduler_output):
-        gone = set(scheduler_output.finished_req_ids)
-        gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-        gone |= set(scheduler_output.preempted_req_ids or ())
-        if gone:
-            for st in STATES:
-                st.drop(gone)
-            if verify.ENABLED:
-                verify.SHADOW.drop(gone)
-        return orig_update(self, scheduler_output)
-
-    @functools.wraps(orig_init)
-    def initialize_metadata_builders(self, *args, **kwargs):
-        global _BUILDING_RUNNER
-        _BUILDING_RUNNER = self
-        try:
-            return orig_init(self, *args, **kwargs)
-        finally:
-            _BUILDING_RUNNER = None
-
-    GPUModelRunner._update_states = _update_states
-    GPUModelRunner.initialize_metadata_builders = initialize_metadata_builders
-    GPUModelRunner._madakv_patched = True
+@contextlib.contextmanager
+def building_for(runner):
+    """While the hooked V1 runner builds its attention metadata builders
+    (patches: GPUModelRunner.initialize_metadata_builders)."""
+    global _BUILDING_RUNNER
+    _BUILDING_RUNNER = runner
+    try:
+        yield
+    finally:
+        _BUILDING_RUNNER = None
 
 
 # --- one step's batch, per (request, KV head) --------------------------------------
@@ -102,7 +88,7 @@ def install_runner_hook() -> None:
 
 @dataclass
 class PerHeadBatch:
-    state: EvictionState
+    state: WorkerKV
     num_tokens: int
     query_start_loc: torch.Tensor  # [R + 1] per request (cpu, int64)
     seq_lens: torch.Tensor  # [R] (cpu, int64)
@@ -116,7 +102,7 @@ class PerHeadBatch:
     req_ids: list | None  # None for dummy/profiling batches
 
 
-def build_batch(state: EvictionState, cm, block_size: int, runner) -> PerHeadBatch:
+def build_batch(state: WorkerKV, cm, block_size: int, runner) -> PerHeadBatch:
     """``runner``: the hooked V1 model runner whose ``input_batch`` holds this step's requests."""
     c = state.cache
     R, T, H, L, bs = cm.num_reqs, cm.num_actual_tokens, state.H, state.num_layers, block_size
@@ -146,10 +132,10 @@ def build_batch(state: EvictionState, cm, block_size: int, runner) -> PerHeadBat
             rs = state.request(rid, req_state)
             block_ids = req_state.block_ids[0]
             ev = None
-            if rs.compressed:
+            if rs.is_compressed:
                 compressed_rows.append((i, rs, block_ids))
             else:
-                ev = state.plan_row(i, rs, int(seq_lens[i]), block_ids)
+                ev = state.plan_row(rs, int(seq_lens[i]), block_ids)
                 if ev is not None:
                     events.append(ev)
             if rs.tracks_queries or ev is not None:
@@ -157,17 +143,17 @@ def build_batch(state: EvictionState, cm, block_size: int, runner) -> PerHeadBat
 
     # Compressed requests: their own per-(layer, head) tables and lengths.
     if compressed_rows:
-        width = max([tables.shape[3]] + [int(rs.nsub.max()) + 1 for _, rs, _ in compressed_rows])
+        width = max([tables.shape[3]] + [int(rs.used_subblocks(bs).max()) + 1 for _, rs, _ in compressed_rows])
         tables = torch.nn.functional.pad(tables, (0, width - tables.shape[3]))
         for i, rs, block_ids in compressed_rows:
             # Usually one decode token; a resumed request may replay several (causal, appended in order).
             t0, t1 = int(qsl[i]), int(qsl[i + 1])
             for t in range(t0, t1):
                 flat_slots[:, :, t] = state.append_slots(rs, block_ids, int(seq_lens[i]) - (t1 - t))
-            n = int(rs.nsub.max())
-            tables[:, :, i, :n] = rs.sub[:, :, :n]
+            n = int(rs.used_subblocks(bs).max())
+            tables[:, :, i, :n] = rs.subblocks[:, :, :n]
             lens[:, :, i] = rs.lens
-            ev = state.plan_row(i, rs, int(seq_lens[i]), block_ids)
+            ev = state.plan_row(rs, int(seq_lens[i]), block_ids)
             if ev is not None:
                 events.append(ev)
 
@@ -207,7 +193,7 @@ def after_attention(batch: PerHeadBatch, layer_idx: int, layer, query, key, valu
     for i, rs, start, end in batch.query_rows:
         rs.push_queries(layer_idx, query[start:end], rs.cfg.window)
     for ev in batch.events:
-        st.select_layer(ev, layer_idx, layer)
+        st.select_layer(ev, layer_idx)
     if batch.events and layer_idx == st.num_layers - 1:
         for ev in batch.events:  # all layers have run: pack every layer's retained KV
-            st.compact(ev, layer)
+            st.compact(ev)

@@ -1,7 +1,7 @@
-"""Plugin registration: runs in every vLLM process (API server, engine core, workers).
-
-Patches here are minimal wrappers that only change behaviour when the MADAKV
-backend is selected; without ``--attention-backend madakv`` vLLM runs as stock.
+"""Plugin registration (every vLLM process: API server, engine core, workers) and the rules the
+patched vLLM entry points apply when the MADAKV backend is selected: backend validation, engine
+configuration at startup, per-request argument validation. The patches themselves live in
+``patches.py``; without ``--attention-backend madakv`` vLLM runs as stock.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 
-from madakv_vllm.config import MadaKVConfig, config_from_vllm, request_overrides
+from madakv_vllm.config import MadaKVConfig, config_from_vllm, resolve
 from madakv_vllm.integration import VLLM_MINOR
 
 logger = logging.getLogger("vllm.madakv")
@@ -26,7 +26,8 @@ CUDA_UNSUPPORTED = (
 )
 
 
-def _cuda_backend_path() -> str | None:
+def cuda_backend_path() -> str | None:
+    """Our backend on the CUDA platform, or None until opted in (not yet verified on a GPU)."""
     return CUDA_BACKEND_PATH if os.environ.get("MADAKV_EXPERIMENTAL_CUDA") == "1" else None
 
 _registered = False
@@ -42,11 +43,10 @@ def register() -> None:
     if not vllm.__version__.startswith(VLLM_MINOR):
         logger.warning("madakv-vllm was checked against vLLM %s.x; found %s", VLLM_MINOR, vllm.__version__)
     _register_backend_enum()
-    _patch_platforms()
-    _patch_runner_choice()
-    _patch_input_validation()
-    # Registers the KV cache spec -> manager mapping (scheduler side) at import.
-    import madakv_vllm.integration.kv_manager  # noqa: F401
+    from madakv_vllm.integration import kv_manager, patches
+
+    patches.install()
+    kv_manager.register_spec()
 
 
 # --- the backend name ---------------------------------------------------------
@@ -83,51 +83,7 @@ def selected_in(vllm_config) -> bool:
     return is_madakv(getattr(attn, "backend", None))
 
 
-# --- platform hooks -----------------------------------------------------------
-
-
-def _patch_platforms() -> None:
-    from vllm.platforms.cpu import CpuPlatform
-
-    _wrap_platform(CpuPlatform, lambda: CPU_BACKEND_PATH)
-    try:  # the CUDA platform module imports cleanly without a GPU
-        from vllm.platforms.cuda import CudaPlatformBase
-    except Exception:  # pragma: no cover - CPU-only builds may lack it
-        return
-    _wrap_platform(CudaPlatformBase, _cuda_backend_path)
-
-
-def _wrap_platform(platform_cls, backend_path) -> None:
-    """backend_path(): our backend's class path on this platform, or None if unavailable."""
-    if getattr(platform_cls, "_madakv_patched", False):
-        return
-    orig_select = platform_cls.get_attn_backend_cls.__func__
-    orig_check = platform_cls.check_and_update_config.__func__
-
-    @functools.wraps(orig_select)
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
-        if is_madakv(selected_backend):
-            path = backend_path()
-            if path is None:
-                raise ValueError(CUDA_UNSUPPORTED)
-            validate_backend(path, attn_selector_config, cls.get_device_capability())
-            return path
-        return orig_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
-
-    @functools.wraps(orig_check)
-    def check_and_update_config(cls, vllm_config) -> None:
-        if selected_in(vllm_config):
-            if backend_path() is None:
-                raise ValueError(CUDA_UNSUPPORTED)
-            if vllm_config.use_v2_model_runner:
-                raise ValueError(V2_RUNNER_UNSUPPORTED)
-        orig_check(cls, vllm_config)
-        if selected_in(vllm_config):
-            configure_engine(vllm_config)
-
-    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
-    platform_cls.check_and_update_config = classmethod(check_and_update_config)
-    platform_cls._madakv_patched = True
+# --- startup checks -------------------------------------------------------------
 
 
 def validate_backend(path: str, attn_selector_config, device_capability) -> None:
@@ -150,27 +106,6 @@ V2_RUNNER_UNSUPPORTED = (
     "and only the V1 runner's hook compacts them. Unset VLLM_USE_V2_MODEL_RUNNER=1 (and features "
     "that require Model Runner V2, such as HiSparse or watermarking)"
 )
-
-
-def _patch_runner_choice() -> None:
-    """On CUDA vLLM 0.32 picks Model Runner V2 whenever Triton is present. Listing madakv among
-    V2's unsupported features makes vLLM itself choose V1 (and log why); an explicit
-    VLLM_USE_V2_MODEL_RUNNER=1 is refused in check_and_update_config."""
-    from vllm.config import VllmConfig
-
-    if getattr(VllmConfig, "_madakv_patched", False):
-        return
-    orig = VllmConfig._get_v2_model_runner_unsupported_features
-
-    @functools.wraps(orig)
-    def _get_v2_model_runner_unsupported_features(self) -> list[str]:
-        unsupported = orig(self)
-        if selected_in(self):
-            unsupported.append(V2_RUNNER_UNSUPPORTED_FEATURE)
-        return unsupported
-
-    VllmConfig._get_v2_model_runner_unsupported_features = _get_v2_model_runner_unsupported_features
-    VllmConfig._madakv_patched = True
 
 
 DEFAULT_BLOCK_SIZE = 32
@@ -214,24 +149,6 @@ def configure_engine(vllm_config) -> MadaKVConfig:
 # --- request validation (frontend) -------------------------------------------
 
 
-def _patch_input_validation() -> None:
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    if getattr(InputProcessor, "_madakv_patched", False):
-        return
-    orig = InputProcessor._validate_params
-
-    @functools.wraps(orig)
-    def _validate_params(self, params, supported_tasks):
-        result = orig(self, params, supported_tasks)
-        if selected_in(self.vllm_config):
-            validate_request_args(self.vllm_config, getattr(params, "extra_args", None))
-        return result
-
-    InputProcessor._validate_params = _validate_params
-    InputProcessor._madakv_patched = True
-
-
 @functools.lru_cache(maxsize=8)
 def _server_config(additional_config_key: str) -> MadaKVConfig:
     import json
@@ -249,11 +166,7 @@ def validate_request_args(vllm_config, extra_args) -> MadaKVConfig:
     """Per-request overrides must be valid before they reach the engine (HTTP 400)."""
     from vllm.exceptions import VLLMValidationError
 
-    overrides = request_overrides(extra_args)
-    base = server_config(vllm_config)
-    if not overrides:
-        return base
     try:
-        return base.with_overrides(overrides)
+        return resolve(server_config(vllm_config), extra_args)
     except ValueError as e:
         raise VLLMValidationError(str(e).replace("madakv.", "madakv_"), parameter="vllm_xargs") from None

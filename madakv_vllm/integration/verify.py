@@ -4,7 +4,7 @@ Keeps a dense shadow copy of every K/V the model produced, per request and
 layer, independent of the paged cache. After each layer's kernel call it
 recomputes, in plain fp32 torch, attention of every query over exactly the
 tokens its (layer, KV head) retains (all tokens for uncompressed requests,
-``ent_pos`` for compressed ones) and records the largest difference.
+``entry_position`` for compressed ones) and records the largest difference.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ class Shadow:
             v_sh[:, first:length] = value[start:end].transpose(0, 1).float()
             self.kv[(rid, layer)] = (k_sh, v_sh)
             rs = st.requests.get(rid)
-            compressed = rs is not None and rs.compressed and n_q == 1 and rs.lens is not None
+            compressed = rs is not None and rs.is_compressed and n_q == 1 and rs.lens is not None
             Hq = query.shape[1]
             G = Hq // H
             qpos = torch.arange(first, length)  # logical positions of this step's queries
             for h in range(H):
                 if compressed:
-                    pos = rs.ent_pos[layer, h, : int(rs.lens[layer, h])].long()
+                    pos = rs.entry_position[layer, h, : int(rs.lens[layer, h])].long()
                 else:
                     pos = torch.arange(length)
                 kk, vv = k_sh[h, pos], v_sh[h, pos]  # [n, D]

@@ -1,61 +1,22 @@
-"""KV-cache eviction policies in pure torch: MadaKV (MPA + HCC) and the baselines it is compared with.
-
-No vLLM import here. The attention backend calls, per prompt::
-
-    policy = make_policy(cfg)
-    state = policy.begin(num_layers=L, num_kv_heads=H, seq_len=N, modality=mod, budget=B)
-    for l in range(L):  # right after layer l's attention
-        policy.observe_layer(state, layer=l, query=q_window, key=k_all)
-    kept = policy.select_observed(state)  # per layer, H sorted index tensors
-
-and, during decoding, per (layer, KV head) whose count the page contract fixes::
-
-    kept = policy.recompress(query=q_window_of_group, key=k_retained, modality=mod_retained, keep=count)
-
-Each policy's whole rule, prompt time and decode time, lives in its class.
-
-Structure (kvpress style): a *scorer* turns (window queries, keys) into one score per (KV head, token);
-a *policy* decides how many tokens each head keeps from each token *group* (a modality, text vs visual,
-or "any"); one shared selector then keeps the best-scored tokens of each group. Window and sink tokens
-form the group ``FORCED`` that every head keeps. Equations and every reading of the paper: docs/method.md.
-"""
+"""The shared machinery of every policy: exact integer splits, the compression state, rankings,
+quota-based selection, page-granule rounding, and the ``Policy`` base class (its prompt-time and
+decode-time rule; subclasses change the forced set, the groups and the quotas)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from madakv_vllm.config import NUM_MODALITIES, TEXT, MadaKVConfig
+from madakv_vllm.config import NUM_MODALITIES
+from madakv_vllm.policies.scorers import Scorer, WindowAttention
 
 FORCED = NUM_MODALITIES  # group id of window and sink tokens (always kept)
 NUM_GROUPS = NUM_MODALITIES + 1
-
-__all__ = [
-    "FORCED",
-    "AdaKVPolicy",
-    "CompressionState",
-    "FullPolicy",
-    "H2OPolicy",
-    "LookMPolicy",
-    "MadaKVPolicy",
-    "Policy",
-    "PyramidKVPolicy",
-    "Ranking",
-    "Recency",
-    "Scorer",
-    "TopKPolicy",
-    "WindowAttention",
-    "apportion",
-    "make_policy",
-    "pool_scores",
-    "select_by_quota",
-    "window_scores",
-]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,80 +70,6 @@ def apportion(total, weight: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
         deficit -= add.sum(1)
     return x[0] if single else x
 
-
-# ----------------------------------------------------------------------------------------------
-# Scorers
-# ----------------------------------------------------------------------------------------------
-
-
-def window_scores(
-    q: torch.Tensor, k: torch.Tensor, kernel_size: int = 1, pooling: str = "avg"
-) -> torch.Tensor:
-    """psi[h, i] = sum over window queries j of attention(j -> i), averaged over the GQA group.
-
-    ``q``: [Hq, Wq, D] post-RoPE queries of the last Wq prompt tokens (query head ``h*g + i`` belongs
-    to KV head ``h``, as in vLLM/HF); ``k``: [H, N, D]. Causal: window query j sits at position
-    N - Wq + j. Softmax in fp32 with scale 1/sqrt(D). Then optional 1-D pooling over the N - Wq
-    tokens before the window with 'same' zero padding (left (k-1)//2, right k//2), as SnapKV and
-    kvpress pool ``attn[..., :-window]``; the window's scores are returned unpooled. Returns
-    float32 [H, N].
-    """
-    hq, wq, d = q.shape
-    h, n, _ = k.shape
-    if hq % h or not 1 <= wq <= n:
-        raise ValueError(f"window_scores: q {tuple(q.shape)} incompatible with k {tuple(k.shape)}")
-    g = hq // h
-    logits = torch.matmul(q.float().reshape(h, g * wq, d) * d**-0.5, k.float().transpose(1, 2))
-    # Only the last Wq keys can lie in a window query's future.
-    future = torch.ones(wq, wq, dtype=torch.bool, device=k.device).triu_(1).repeat(g, 1)
-    logits[:, :, n - wq :].masked_fill_(future, -math.inf)
-    # softmax in place, then sum over rows as one mat-vec with 1/(Z*g): fewer passes over [H, g*Wq, N]
-    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-    inv_z = logits.sum(-1).mul_(g).reciprocal_()
-    psi = torch.bmm(inv_z[:, None, :], logits)[:, 0]
-    if kernel_size <= 1 or n == wq:
-        return psi
-    # As SnapKV and kvpress: pool the keys before the window only (zero padding at the window
-    # boundary); the window's own scores stay raw (every policy keeps the window anyway).
-    return torch.cat([pool_scores(psi[:, : n - wq], kernel_size, pooling), psi[:, n - wq :]], dim=1)
-
-
-def pool_scores(psi: torch.Tensor, kernel_size: int, pooling: str = "avg") -> torch.Tensor:
-    """1-D pooling over the token axis of [H, N] scores, output length N (SnapKV's smoothing)."""
-    if kernel_size <= 1:
-        return psi
-    x = F.pad(psi[:, None], ((kernel_size - 1) // 2, kernel_size // 2))  # scores >= 0: zero pad is safe
-    if pooling == "avg":
-        x = F.avg_pool1d(x, kernel_size, stride=1)
-    elif pooling == "max":
-        x = F.max_pool1d(x, kernel_size, stride=1)
-    else:
-        raise ValueError(f"unknown pooling {pooling!r}")
-    return x[:, 0]
-
-
-class Scorer(Protocol):
-    def score(self, query: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
-class WindowAttention:
-    """Observation-window attention (SnapKV, MadaKV's psi; kernel_size=1 for H2O/LOOK-M)."""
-
-    kernel_size: int = 5
-    pooling: str = "avg"
-
-    def score(self, query, key):
-        return window_scores(query, key, self.kernel_size, self.pooling)
-
-
-@dataclass
-class Recency:
-    """Later tokens first (StreamingLLM)."""
-
-    def score(self, query, key):
-        h, n, _ = key.shape
-        return torch.arange(n, device=key.device, dtype=torch.float64).expand(h, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +202,7 @@ def _all_tokens(h: int, n: int, device) -> list[torch.Tensor]:
     return [ar.clone() for _ in range(h)]
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Policies
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +210,8 @@ def _all_tokens(h: int, n: int, device) -> list[torch.Tensor]:
 
 @dataclass
 class Policy:
-    """Base: every head keeps B tokens, the forced ones plus the best-scored others (SnapKV)."""
+    """Base: every head keeps B tokens, the forced ones plus the best-scored others: SnapKV with
+    pooled window attention, StreamingLLM with the Recency scorer."""
 
     window: int = 32
     sink_tokens: int = 0
@@ -522,259 +411,3 @@ class Policy:
         return apportion(total, mass, state.group_sizes[:g].expand(mass.shape[0], g))
 
 
-@dataclass
-class TopKPolicy(Policy):
-    """Uniform B per head, best-scored tokens: SnapKV (pooled window attention) or StreamingLLM (Recency)."""
-
-
-@dataclass
-class FullPolicy(Policy):
-    """No eviction: B = N whatever budget is passed."""
-
-    def effective_budget(self, budget, n, num_forced):
-        return n
-
-    def recompress_scores(self, scores, modality, keep):
-        return torch.arange(scores.numel(), device=scores.device)
-
-
-@dataclass
-class H2OPolicy(Policy):
-    """Heavy hitters + recent tokens. The recent share round(recent_ratio * B) joins the forced set
-    (it contains the window); the rest of B goes to the highest accumulated attention. Accumulated
-    over the observation window only: see docs/method.md."""
-
-    recent_ratio: float = 0.5
-    scorer: Scorer = field(default_factory=lambda: WindowAttention(kernel_size=1))
-
-    def forced_mask(self, n, budget):
-        forced = super().forced_mask(n, budget)
-        sinks = min(self.sink_tokens, n)
-        recent = max(min(self.window, n), min(int(round(self.recent_ratio * budget)), budget - sinks))
-        forced[n - recent :] = True
-        return forced
-
-
-@dataclass
-class PyramidKVPolicy(Policy):
-    """SnapKV selection with per-layer budgets falling linearly with depth (PyramidKV): the non-forced
-    part E = B - F runs from 2E - E/beta (layer 0) to E/beta (last layer); integer, capped at N - F,
-    summing to L*E exactly. Prompts shorter than 2E get the uniform E (SnapKV), as the reference."""
-
-    beta: float = 20.0
-
-    def init_state(self, state):
-        big_l, f, g = state.num_layers, state.num_forced, state.granule
-        extra = state.budget - f
-        if big_l == 1 or state.seq_len < 2 * extra:
-            # As PyramidKV (KVCache-Factory PyramidKVCluster): a prompt shorter than twice the
-            # non-window budget gets SnapKV's uniform budget (the pyramid would not fit under N).
-            sched = torch.full((big_l,), float(extra), dtype=torch.float64)
-        else:
-            lo = extra / self.beta
-            hi = 2 * extra - lo
-            sched = hi - (hi - lo) * torch.arange(big_l, dtype=torch.float64) / (big_l - 1)
-        if g > 1:  # the same schedule in whole granules: r + g * [ceil((F-r)/g), (N-r) // g] per layer
-            r = state.offset
-            low, high = -(-max(f - r, 0) // g), (state.seq_len - r) // g
-            alloc = apportion(big_l * ((state.budget - r) // g - low), sched, torch.full((big_l,), high - low))
-            state.layer_budget = r + (alloc + low) * g
-        else:
-            alloc = apportion(big_l * extra, sched, torch.full((big_l,), state.seq_len - f))
-            state.layer_budget = alloc + f
-        state.phi = state.layer_budget.double()
-
-    def quotas(self, state, layer, ranking):
-        quota = self._empty_quota(state)
-        quota[:, 0] = int(state.layer_budget[layer]) - state.num_forced
-        return quota
-
-
-@dataclass
-class AdaKVPolicy(Policy):
-    """AdaKV (Feng et al.; the authors' code, FFY0/AdaKV ``AdaptiveSnapKVCluster``): the layer's
-    H*E content slots (E = B - F) first go to the best scores over all heads jointly, giving each
-    head c_h; each head then keeps (1 - alpha) * c_h + int(alpha * E) content tokens (the safeguard
-    shrinks the joint allocation towards uniform), made integers summing to H*E exactly by largest
-    remainder (the reference rounds each head, so its total drifts by a few tokens)."""
-
-    alpha: float = 0.2
-
-    def quotas(self, state, layer, ranking):
-        h, n, f, b = state.num_kv_heads, state.seq_len, state.num_forced, state.budget
-        extra = b - f
-        joint = torch.zeros(h, dtype=torch.int64)
-        if extra > 0:
-            in_any = ranking.group == 0
-            vals = torch.where(in_any, ranking.sorted_scores().float(), -math.inf).flatten()
-            # stable: equal scores go to the lower head, then the better in-head rank
-            best = torch.sort(vals, descending=True, stable=True).indices[: h * extra]
-            joint = torch.bincount(best // n, minlength=h).cpu()
-        want = (1.0 - self.alpha) * joint.double() + int(self.alpha * extra)
-        quota = self._empty_quota(state)
-        quota[:, 0] = apportion(h * extra, want, state.group_sizes[0].expand(h))
-        return quota
-
-
-@dataclass
-class LookMPolicy(H2OPolicy):
-    """LOOK-M text-prior eviction (no KV merging): H2O's recent block (round(recent_ratio * B)
-    tokens, with the window) and sinks are forced; then every text token (the best-scored if they
-    exceed the rest of the budget), then visual tokens by score. Scores: unpooled window attention.
-    LOOK-M compresses the prompt only; during decoding (every generated token is text, so a text
-    prior would push the images out) a head is re-compressed with the H2O rule it is built on."""
-
-    def content_group(self, modality):
-        return (modality != TEXT).long()  # 0 text, 1 any visual/audio
-
-    def quotas(self, state, layer, ranking):
-        slots = state.budget - state.num_forced
-        text = min(int(state.group_sizes[0]), slots)
-        quota = self._empty_quota(state)
-        quota[:, 0], quota[:, 1] = text, slots - text
-        return quota
-
-    def decode_rule(self):
-        return H2OPolicy(window=self.window, sink_tokens=self.sink_tokens, scorer=self.scorer,
-                         recent_ratio=self.recent_ratio)
-
-
-@dataclass
-class MadaKVPolicy(Policy):
-    """MadaKV. MPA: per head, the non-forced slots are split over modalities by the head's attention
-    mass on each, then top scores within each modality. HCC: per-(layer, head) counts follow each
-    head's demand (fewest tokens covering theta of each modality's mass, plus forced), exactly
-    L*H*B in total, each between floor and N; ``hcc_mode`` says how (docs/method.md):
-
-    * ``streamed``: layer by layer, each head keeps its clipped demand; the layer total is clamped so
-      the remaining layers stay feasible and to ``max_scale`` times its fair share; the last layer
-      takes the rest (only layers <= l are known when layer l selects).
-    * ``global``: all layers scored first; L*H*B split over every (layer, head) in proportion to
-      its demand, within [floor, N].
-    * ``layer``: all layers scored first; L*H*B split over layers in proportion to each layer's
-      total demand, then evenly over the layer's heads (the paper's phi[l] is per layer).
-
-    A head whose count equals its raw demand keeps its demand per modality; otherwise MPA's split
-    decides. With mpa off everything is one group; with both off this is SnapKV."""
-
-    mpa: bool = True
-    hcc: bool = True
-    theta: float = 0.9
-    min_per_head: int | None = None  # None -> window
-    max_scale: float = float("inf")  # streamed: cap on a layer's total, in multiples of H * phi[l]
-    hcc_mode: str = "streamed"
-
-    def content_group(self, modality):
-        return modality.clone() if self.mpa else torch.zeros_like(modality)
-
-    def init_state(self, state):
-        want = self.window if self.min_per_head is None else self.min_per_head
-        # Never below the forced tokens; never above B, or L*H*B could not be met.
-        state.floor = max(state.num_forced, min(want, state.budget))
-
-    def select_layer(self, state, layer, query, key):
-        if self.hcc and self.hcc_mode != "streamed":
-            raise ValueError(f"hcc_mode {self.hcc_mode!r} needs every layer's scores: use observe_layer + "
-                             "select_observed (or select_all)")
-        return super().select_layer(state, layer, query, key)
-
-    def decode_rule(self):
-        return dataclasses.replace(self, hcc=False)  # the head's count is fixed: MPA's split (or top-k)
-
-    def _groups(self) -> int:
-        return NUM_MODALITIES if self.mpa else 1
-
-    def _ranking(self, state, layer) -> Ranking:
-        if layer not in state._rankings:
-            scores = state.scores[layer]
-            state._rankings[layer] = Ranking.of(scores, state.group_on(scores.device))
-        return state._rankings[layer]
-
-    def plan(self, state):
-        if not self.hcc or self.hcc_mode == "streamed":
-            return
-        big_l, h, n, f = state.num_layers, state.num_kv_heads, state.seq_len, state.num_forced
-        demand = torch.stack([
-            f + self._ranking(state, l).mass_and_demand(self._groups(), self.theta)[1].sum(1) for l in range(big_l)
-        ]).double()  # [L, H]
-        # In units of granules: each (layer, head) keeps r + g*u tokens, u in [lo, hi], sum fixed.
-        g, r = state.granule, state.offset
-        lo, hi = -(-max(state.floor - r, 0) // g), (n - r) // g
-        total = (big_l * h * (state.budget - r)) // g - big_l * h * lo
-        if self.hcc_mode == "global":
-            units = apportion(total, demand.flatten(), torch.full((big_l * h,), hi - lo)).view(big_l, h)
-        elif self.hcc_mode == "layer":
-            per_layer = apportion(total, demand.sum(1), torch.full((big_l,), h * (hi - lo)))
-            units = apportion(per_layer, torch.ones(big_l, h, dtype=torch.float64), torch.full((big_l, h), hi - lo))
-        else:
-            raise ValueError(f"unknown hcc_mode {self.hcc_mode!r}")
-        state.planned_counts = r + g * (lo + units)
-
-    def quotas(self, state, layer, ranking):
-        h, n, f = state.num_kv_heads, state.seq_len, state.num_forced
-        groups = self._groups()
-        quota = self._empty_quota(state)
-        if not self.hcc:
-            mass, _ = ranking.mass_and_demand(groups)
-            total = torch.full((h,), state.budget - f)
-            quota[:, :groups] = self._split(state, total, mass) if self.mpa else total[:, None]
-            return quota
-        mass, demand = ranking.mass_and_demand(groups, self.theta)
-        raw = f + demand.sum(1)
-        if state.planned_counts is not None:
-            counts = state.planned_counts[layer]
-        else:
-            counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale)
-        quota[:, :groups] = torch.where(
-            (counts == raw)[:, None], demand, self._split(state, counts - f, mass)
-        )
-        return quota
-
-    @staticmethod
-    def _layer_counts(state: CompressionState, layer: int, want: torch.Tensor, max_scale: float = float("inf")) -> torch.Tensor:
-        """Per-head counts of this layer: ``want`` unless the layer total must move to keep the
-        remaining budget feasible (each later layer in [H*floor, H*N]) or exceeds ``max_scale`` times
-        the layer's fair share H*phi[l] (greedy early layers would starve the later ones); then
-        scaled by largest remainder."""
-        h, n, fl, big_l = state.num_kv_heads, state.seq_len, state.floor, state.num_layers
-        left = state.num_layers - layer - 1
-        rem = state.remaining
-        state.phi[layer] = rem / (h * (big_l - layer))
-        lo = max(h * fl, rem - left * h * n)
-        hi = min(h * n, rem - left * h * fl)
-        if max_scale != float("inf"):
-            hi = max(lo, min(hi, int(max_scale * h * float(state.phi[layer]))))
-        asked = int(want.sum())
-        total = min(max(asked, lo), hi)
-        if total < asked:  # shrink each head's demand above the floor proportionally
-            return fl + apportion(total - h * fl, (want - fl).double(), want - fl)
-        if total > asked:  # grow in proportion to demand, up to N
-            return want + apportion(total - asked, want.double(), n - want)
-        return want
-
-
-def make_policy(cfg: MadaKVConfig) -> Policy:
-    """The policy named by ``cfg.policy``, with cfg's knobs."""
-    common = dict(window=cfg.window, sink_tokens=cfg.sinks)
-    pooled = WindowAttention(cfg.kernel_size, cfg.pooling)
-    name = cfg.policy
-    if name == "full":
-        return FullPolicy(**common)
-    if name == "streamingllm":
-        return TopKPolicy(**common, scorer=Recency())
-    if name == "snapkv":
-        return TopKPolicy(**common, scorer=pooled)
-    if name == "h2o":
-        return H2OPolicy(**common, recent_ratio=cfg.h2o_recent_ratio)
-    if name == "pyramidkv":
-        return PyramidKVPolicy(**common, scorer=pooled, beta=cfg.pyramid_beta)
-    if name == "adakv":
-        return AdaKVPolicy(**common, scorer=pooled, alpha=cfg.adakv_alpha)
-    if name == "lookm":
-        return LookMPolicy(**common, recent_ratio=cfg.h2o_recent_ratio)
-    if name == "madakv":
-        return MadaKVPolicy(
-            **common, scorer=pooled, mpa=cfg.mpa, hcc=cfg.hcc, theta=cfg.theta, min_per_head=cfg.head_floor,
-            max_scale=cfg.hcc_max_scale, hcc_mode=cfg.hcc_mode,
-        )
-    raise ValueError(f"unknown policy {name!r}")

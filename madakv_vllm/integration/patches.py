@@ -1,0 +1,176 @@
+"""Every monkeypatch madakv-vllm makes to vLLM, in one place (checked against vLLM 0.32.0).
+
+``install()`` (idempotent; called by ``madakv_vllm.register()``, vLLM's general-plugin entry
+point, in every vLLM process) wraps each symbol below. Every wrapper leaves vLLM's behaviour as
+stock unless the MADAKV backend is selected, a MadaKV KV-cache manager exists, or one of our
+metadata builders serves the batch. ``PATCHED`` records what ``install()`` wrapped, and
+tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
+``madakv_vllm.integration.VLLM_TOUCHPOINTS`` (so a patch cannot be added without its touchpoint).
+
+| wrapped | why |
+|---|---|
+| ``CpuPlatform`` / ``CudaPlatformBase.get_attn_backend_cls`` | the platforms ignore a selected plugin backend: route MADAKV to ours, after vLLM's own ``validate_configuration`` |
+| ``CpuPlatform`` / ``CudaPlatformBase.check_and_update_config`` | validate our config at startup; page size, prefix caching, async scheduling, CUDA graphs |
+| ``VllmConfig._get_v2_model_runner_unsupported_features`` | madakv needs the V1 model runner: vLLM then chooses it |
+| ``InputProcessor._validate_params`` | HTTP 400 for a bad ``madakv_*`` request argument |
+| ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
+| ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
+| ``GPUModelRunner.initialize_metadata_builders`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start) |
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+#: (module, qualified name) of every symbol install() wrapped, in order.
+PATCHED: list[tuple[str, str]] = []
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from madakv_vllm.integration import plugin
+
+    _patch_platform("vllm.platforms.cpu", "CpuPlatform", lambda: plugin.CPU_BACKEND_PATH)
+    try:  # the CUDA platform module imports without a GPU; a build without it has nothing to patch
+        importlib.import_module("vllm.platforms.cuda")
+    except (ImportError, OSError):  # pragma: no cover
+        pass
+    else:
+        _patch_platform("vllm.platforms.cuda", "CudaPlatformBase", plugin.cuda_backend_path)
+    _wrap("vllm.config", "VllmConfig._get_v2_model_runner_unsupported_features", _v2_runner_unsupported)
+    _wrap("vllm.v1.engine.input_processor", "InputProcessor._validate_params", _validate_params)
+    _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", _allocate_slots)
+    _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
+    _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_metadata_builders",
+          _initialize_metadata_builders)
+
+
+def _wrap(module: str, qualname: str, make_wrapper, as_classmethod: bool = False) -> None:
+    """Replace ``module.qualname`` (``Class.attr``) by ``make_wrapper(original)``. The attribute
+    must exist: a vLLM that renamed it fails here, at plugin load, not silently later."""
+    owner_name, attr = qualname.rsplit(".", 1)
+    owner = importlib.import_module(module)
+    for part in owner_name.split("."):
+        owner = getattr(owner, part)
+    original = getattr(owner, attr)
+    if as_classmethod:
+        original = original.__func__
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(owner, attr, classmethod(wrapper) if as_classmethod else wrapper)
+    PATCHED.append((module, qualname))
+
+
+# --- platforms (every process) ---------------------------------------------------------------
+
+
+def _patch_platform(module: str, cls_name: str, backend_path) -> None:
+    """backend_path(): our backend's class path on this platform, or None if unavailable there."""
+    from madakv_vllm.integration import plugin
+
+    def get_attn_backend_cls(orig):
+        def wrapper(cls, selected_backend, attn_selector_config, *args, **kwargs):
+            if plugin.is_madakv(selected_backend):
+                path = backend_path()
+                if path is None:
+                    raise ValueError(plugin.CUDA_UNSUPPORTED)
+                plugin.validate_backend(path, attn_selector_config, cls.get_device_capability())
+                return path
+            return orig(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+        return wrapper
+
+    def check_and_update_config(orig):
+        def wrapper(cls, vllm_config) -> None:
+            selected = plugin.selected_in(vllm_config)
+            if selected:
+                if backend_path() is None:
+                    raise ValueError(plugin.CUDA_UNSUPPORTED)
+                if vllm_config.use_v2_model_runner:
+                    raise ValueError(plugin.V2_RUNNER_UNSUPPORTED)
+            orig(cls, vllm_config)
+            if selected:
+                plugin.configure_engine(vllm_config)
+
+        return wrapper
+
+    _wrap(module, f"{cls_name}.get_attn_backend_cls", get_attn_backend_cls, as_classmethod=True)
+    _wrap(module, f"{cls_name}.check_and_update_config", check_and_update_config, as_classmethod=True)
+
+
+def _v2_runner_unsupported(orig):
+    """On CUDA vLLM 0.32 picks Model Runner V2 whenever Triton is present; listing madakv among
+    V2's unsupported features makes vLLM itself choose V1 (and log why)."""
+    from madakv_vllm.integration import plugin
+
+    def wrapper(self) -> list[str]:
+        unsupported = orig(self)
+        if plugin.selected_in(self):
+            unsupported.append(plugin.V2_RUNNER_UNSUPPORTED_FEATURE)
+        return unsupported
+
+    return wrapper
+
+
+# --- frontend (API server / LLM process) --------------------------------------------------------
+
+
+def _validate_params(orig):
+    from madakv_vllm.integration import plugin
+
+    def wrapper(self, params, supported_tasks):
+        result = orig(self, params, supported_tasks)
+        if plugin.selected_in(self.vllm_config):
+            plugin.validate_request_args(self.vllm_config, params.extra_args)
+        return result
+
+    return wrapper
+
+
+# --- scheduler (engine core) -----------------------------------------------------------------
+
+
+def _allocate_slots(orig):
+    def wrapper(self, request, *args, **kwargs):
+        from madakv_vllm.integration.kv_manager import MadaKVManager
+
+        managers = self.__dict__.get("_madakv_managers")
+        if managers is None:
+            managers = [m for m in self.coordinator.single_type_managers if isinstance(m, MadaKVManager)]
+            self._madakv_managers = managers
+        for m in managers:
+            m.note_request(request)
+        return orig(self, request, *args, **kwargs)
+
+    return wrapper
+
+
+# --- workers -----------------------------------------------------------------------------------
+
+
+def _update_states(orig):
+    def wrapper(self, scheduler_output):
+        from madakv_vllm.integration import per_head
+
+        gone = set(scheduler_output.finished_req_ids)
+        gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        gone |= set(scheduler_output.preempted_req_ids or ())
+        if gone:
+            per_head.drop_requests(gone)
+        return orig(self, scheduler_output)
+
+    return wrapper
+
+
+def _initialize_metadata_builders(orig):
+    def wrapper(self, *args, **kwargs):
+        from madakv_vllm.integration import per_head
+
+        with per_head.building_for(self):
+            return orig(self, *args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,129 @@
+"""MadaKV (Li, Jiang et al., ACL 2025, arXiv 2506.15724): modality preference adaptation (MPA)
+and hierarchical compression compensation (HCC). Readings of the paper: docs/method.md."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from madakv_vllm.config import NUM_MODALITIES
+from madakv_vllm.policies.core import CompressionState, Policy, Ranking, apportion
+
+
+@dataclass
+class MadaKVPolicy(Policy):
+    """MadaKV. MPA: per head, the non-forced slots are split over modalities by the head's attention
+    mass on each, then top scores within each modality. HCC: per-(layer, head) counts follow each
+    head's demand (fewest tokens covering theta of each modality's mass, plus forced), exactly
+    L*H*B in total, each between floor and N; ``hcc_mode`` says how (docs/method.md):
+
+    * ``streamed``: layer by layer, each head keeps its clipped demand; the layer total is clamped so
+      the remaining layers stay feasible and to ``max_scale`` times its fair share; the last layer
+      takes the rest (only layers <= l are known when layer l selects).
+    * ``global``: all layers scored first; L*H*B split over every (layer, head) in proportion to
+      its demand, within [floor, N].
+    * ``layer``: all layers scored first; L*H*B split over layers in proportion to each layer's
+      total demand, then evenly over the layer's heads (the paper's phi[l] is per layer).
+
+    A head whose count equals its raw demand keeps its demand per modality; otherwise MPA's split
+    decides. With mpa off everything is one group; with both off this is SnapKV."""
+
+    mpa: bool = True
+    hcc: bool = True
+    theta: float = 0.9
+    min_per_head: int | None = None  # None -> window
+    max_scale: float = float("inf")  # streamed: cap on a layer's total, in multiples of H * phi[l]
+    hcc_mode: str = "streamed"
+
+    def content_group(self, modality):
+        return modality.clone() if self.mpa else torch.zeros_like(modality)
+
+    def init_state(self, state):
+        want = self.window if self.min_per_head is None else self.min_per_head
+        # Never below the forced tokens; never above B, or L*H*B could not be met.
+        state.floor = max(state.num_forced, min(want, state.budget))
+
+    def select_layer(self, state, layer, query, key):
+        if self.hcc and self.hcc_mode != "streamed":
+            raise ValueError(f"hcc_mode {self.hcc_mode!r} needs every layer's scores: use observe_layer + "
+                             "select_observed (or select_all)")
+        return super().select_layer(state, layer, query, key)
+
+    def decode_rule(self):
+        return dataclasses.replace(self, hcc=False)  # the head's count is fixed: MPA's split (or top-k)
+
+    def _groups(self) -> int:
+        return NUM_MODALITIES if self.mpa else 1
+
+    def _ranking(self, state, layer) -> Ranking:
+        if layer not in state._rankings:
+            scores = state.scores[layer]
+            state._rankings[layer] = Ranking.of(scores, state.group_on(scores.device))
+        return state._rankings[layer]
+
+    def plan(self, state):
+        if not self.hcc or self.hcc_mode == "streamed":
+            return
+        big_l, h, n, f = state.num_layers, state.num_kv_heads, state.seq_len, state.num_forced
+        demand = torch.stack([
+            f + self._ranking(state, l).mass_and_demand(self._groups(), self.theta)[1].sum(1) for l in range(big_l)
+        ]).double()  # [L, H]
+        # In units of granules: each (layer, head) keeps r + g*u tokens, u in [lo, hi], sum fixed.
+        g, r = state.granule, state.offset
+        lo, hi = -(-max(state.floor - r, 0) // g), (n - r) // g
+        total = (big_l * h * (state.budget - r)) // g - big_l * h * lo
+        if self.hcc_mode == "global":
+            units = apportion(total, demand.flatten(), torch.full((big_l * h,), hi - lo)).view(big_l, h)
+        elif self.hcc_mode == "layer":
+            per_layer = apportion(total, demand.sum(1), torch.full((big_l,), h * (hi - lo)))
+            units = apportion(per_layer, torch.ones(big_l, h, dtype=torch.float64), torch.full((big_l, h), hi - lo))
+        else:
+            raise ValueError(f"unknown hcc_mode {self.hcc_mode!r}")
+        state.planned_counts = r + g * (lo + units)
+
+    def quotas(self, state, layer, ranking):
+        h, n, f = state.num_kv_heads, state.seq_len, state.num_forced
+        groups = self._groups()
+        quota = self._empty_quota(state)
+        if not self.hcc:
+            mass, _ = ranking.mass_and_demand(groups)
+            total = torch.full((h,), state.budget - f)
+            quota[:, :groups] = self._split(state, total, mass) if self.mpa else total[:, None]
+            return quota
+        mass, demand = ranking.mass_and_demand(groups, self.theta)
+        raw = f + demand.sum(1)
+        if state.planned_counts is not None:
+            counts = state.planned_counts[layer]
+        else:
+            counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale)
+        quota[:, :groups] = torch.where(
+            (counts == raw)[:, None], demand, self._split(state, counts - f, mass)
+        )
+        return quota
+
+    @staticmethod
+    def _layer_counts(state: CompressionState, layer: int, want: torch.Tensor, max_scale: float = float("inf")) -> torch.Tensor:
+        """Per-head counts of this layer: ``want`` unless the layer total must move to keep the
+        remaining budget feasible (each later layer in [H*floor, H*N]) or exceeds ``max_scale`` times
+        the layer's fair share H*phi[l] (greedy early layers would starve the later ones); then
+        scaled by largest remainder."""
+        h, n, fl, big_l = state.num_kv_heads, state.seq_len, state.floor, state.num_layers
+        left = state.num_layers - layer - 1
+        rem = state.remaining
+        state.phi[layer] = rem / (h * (big_l - layer))
+        lo = max(h * fl, rem - left * h * n)
+        hi = min(h * n, rem - left * h * fl)
+        if max_scale != float("inf"):
+            hi = max(lo, min(hi, int(max_scale * h * float(state.phi[layer]))))
+        asked = int(want.sum())
+        total = min(max(asked, lo), hi)
+        if total < asked:  # shrink each head's demand above the floor proportionally
+            return fl + apportion(total - h * fl, (want - fl).double(), want - fl)
+        if total > asked:  # grow in proportion to demand, up to N
+            return want + apportion(total - asked, want.double(), n - want)
+        return want
+
+
+#: policy name -> its constructor from the config's knobs (common: window and sinks; pooled: the
