@@ -112,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="madakv",
                    help="paired bootstrap intervals of every other policy against this one, per budget")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: skip the intervals)")
+    p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                   help="only print markdown tables (exact match per policy x budget, paired intervals) of "
+                        "earlier --out files; runs no model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=40.0, help="stop starting new configs after this")
     p.add_argument("--out", type=Path, default=REPO / "models" / "proxy-eval.json")
@@ -333,8 +336,38 @@ def retained_mass(args, samples, configs):
 
 
 # ----------------------------------------------------------------------------- main
+def markdown_report(report: dict) -> str:
+    """Markdown: mean exact match per policy (rows) and budget (columns), each cell with the paired
+    95% interval of reference - policy; then the full-cache accuracy."""
+    table, paired = report["table"], report.get("paired", {})
+    budgets = report["budgets"]
+    ref = next((d["reference"].split("@")[0] for d in paired.values()), None)
+    rows = [f"| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    names = [report["table"][k]["policy"] for k in table if table[k]["budget"] is not None]
+    for name in dict.fromkeys(names):
+        cells = []
+        for b in budgets:
+            row = table.get(f"{name}@{b}")
+            if row is None:
+                cells.append("")
+                continue
+            d = paired.get(f"{name}@{b}")
+            ci = f" ({ref} {d['diff']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}])" if d and d["ci95"] else ""
+            cells.append(f"{row['mean_acc']:.3f}{ci}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    full = table.get("full@None", {}).get("mean_acc")
+    n = report["n_per_task"]
+    head = (f"split `{report.get('split', 'eval')}`, seed {report.get('seed', 0)}, {n} prompts per task x "
+            f"{len(report.get('tasks', []))} tasks; full cache {full:.3f}")
+    return head + "\n\n" + "\n".join(rows)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.report:
+        for path in args.report:
+            print(f"### {path}\n\n" + markdown_report(json.loads(path.read_text())) + "\n")
+        return
     import torch
 
     torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_match_method_note():
     c = MadaKVConfig()
-    assert (c.policy, c.budget, c.window, c.kernel_size, c.theta, c.sinks) == ("madakv", 0.2, 32, 5, 0.9, 0)
+    assert (c.policy, c.budget, c.window, c.kernel_size, c.theta, c.sinks) == ("madakv", 0.2, 32, 5, 0.99, 0)
     assert MadaKVConfig(policy="streamingllm").sinks == 4 and MadaKVConfig(policy="streamingllm", sink_tokens=0).sinks == 0
     assert c.mpa and c.hcc and c.head_floor == c.window
 

@@ -464,6 +464,7 @@ def test_hcc_budget_feasible_layer_by_layer_and_demand_kept(scenario):
         counts = state.kept_counts[l]
         left = big_l - l - 1
         lo, hi = max(h * fl, remaining - left * h * n), min(h * n, remaining - left * h * fl)
+        hi = max(lo, min(hi, int(cfg.hcc_max_scale * h * remaining / (h * (big_l - l)))))  # the greedy-layer cap
         assert state.phi[l] == pytest.approx(remaining / (h * (big_l - l)))
         assert lo <= int(counts.sum()) <= hi
         assert ((counts >= fl) & (counts <= n)).all()
@@ -856,7 +857,7 @@ def test_hcc_global_splits_the_whole_budget_by_demand():
     sharp[:, n - w:] = 1.0
     cfg = MadaKVConfig(policy="madakv", window=w, hcc_mode="global", mpa=False, kernel_size=1)
     kept, state = _observed(cfg, [diffuse, sharp], mod, b)
-    demand = torch.tensor([_demand(diffuse, w, 0.9), _demand(sharp, w, 0.9)], dtype=torch.float64)
+    demand = torch.tensor([_demand(diffuse, w, cfg.theta), _demand(sharp, w, cfg.theta)], dtype=torch.float64)
     assert demand[0, 0] > 10 * demand[1, 0]
     expect = w + apportion(2 * 2 * (b - w), demand.flatten(), torch.full((4,), n - w)).view(2, 2)
     assert torch.equal(state.kept_counts, expect)
