@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Where HCC's readings put the budget on the proxy VLM, per layer and KV head.
+
+    .venv/bin/python scripts/hcc_layer_demand.py [--assets scripts/assets/proxy_vlm] [--n-per-task 4]
+        [--split dev] [--budget 0.2] [--theta 0.9]
+
+In Hugging Face transformers with the proxy's weights (as scripts/eval_proxy.py's retained-mass
+part), the post-RoPE q/k of every layer are captured for ``--n-per-task`` prompts per task of
+``--split``; the script prints, averaged over the prompts, each (layer, KV head)'s HCC demand
+(forced tokens + the fewest tokens covering theta of each modality's pooled window-attention mass,
+as a fraction of the prompt) and the fraction of the prompt each policy keeps there, with the
+fraction of the needle's tokens kept. Policies: MadaKV with MPA only, each HCC reading at the
+configured defaults, and PyramidKV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--assets", type=Path, default=None, help="proxy assets (default: the committed v1 proxy)")
+    ap.add_argument("--n-per-task", type=int, default=4)
+    ap.add_argument("--split", default="dev")
+    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--theta", type=float, default=0.9, help="theta of the printed demand")
+    args = ap.parse_args(argv)
+
+    import tempfile
+
+    import torch
+    from transformers import AttentionInterface, AutoProcessor, Qwen2VLForConditionalGeneration
+
+    import eval_proxy as ep
+    from madakv_vllm import proxy_tasks as pt
+    from madakv_vllm.config import IMAGE, NUM_MODALITIES, TEXT, MadaKVConfig
+    from madakv_vllm.policies import FORCED, Ranking, make_policy, window_scores
+
+    torch.set_num_threads(1)
+    model_dir = pt.rebuild_proxy_model(Path(tempfile.mkdtemp()) / "proxy", args.assets)
+    AttentionInterface.register("madakv_capture", ep._capture_attention)
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="madakv_capture").eval()
+    batcher = pt.HFBatcher(processor)
+    import json
+
+    tasks = json.loads((model_dir / pt.MODEL_INFO).read_text())["tasks"]
+    samples = pt.make_dataset(tasks, args.n_per_task, (24, 64), split=args.split)
+    configs = {
+        "MPA only": MadaKVConfig(hcc=False, budget=args.budget),
+        "HCC streamed (default)": MadaKVConfig(budget=args.budget),
+        "HCC global": MadaKVConfig(hcc_mode="global", budget=args.budget),
+        "HCC layer": MadaKVConfig(hcc_mode="layer", budget=args.budget),
+        "PyramidKV": MadaKVConfig(policy="pyramidkv", budget=args.budget),
+    }
+    sums: dict[str, list] = {}
+    for s in samples:
+        ep._CAPTURED.clear()
+        inputs = batcher([s], with_answer=False)
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+        layers = sorted(ep._CAPTURED, key=lambda x: x[0])
+        ids = inputs["input_ids"][0]
+        n = ids.numel()
+        modality = torch.where(ids == batcher.image_token_id, IMAGE, TEXT)
+        needle = torch.tensor(pt.needle_token_positions(s, processor.tokenizer))
+        w = min(32, n)
+        qs = [q[:, n - w:] for _, q, _ in layers]
+        ks = [k for _, _, k in layers]
+        group = torch.where(torch.arange(n) >= n - w, FORCED, modality)
+        demand = []
+        for q, k in zip(qs, ks):
+            _, d = Ranking.of(window_scores(q, k, 5), group).mass_and_demand(NUM_MODALITIES, args.theta)
+            demand.append((d.sum(1).double() + w) / n)
+        sums.setdefault("demand", []).append(torch.stack(demand))
+        for name, cfg in configs.items():
+            pol = make_policy(cfg)
+            kept = pol.select_all(qs, ks, modality, cfg.budget_tokens(n))
+            sums.setdefault(name, []).append(pol.last_state.kept_counts.double() / n)
+            sums.setdefault(name + " needle", []).append(torch.tensor(
+                [[float(torch.isin(needle, idx).float().mean()) for idx in layer] for layer in kept]))
+    print(f"{len(samples)} prompts ({args.split} split); rows: layers, columns: KV heads")
+    for name, v in sums.items():
+        what = ("HCC demand, theta %g" % args.theta) if name == "demand" else (
+            "needle tokens kept" if name.endswith("needle") else f"kept, budget {args.budget:g}")
+        print(f"{name} ({what}): {torch.stack(v).mean(0).numpy().round(3).tolist()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
