@@ -15,6 +15,22 @@ each eviction policy changes its answers. The tasks are modelled on MileBench's 
   3 tokens): the colour of the first, the colour of the second, then ``same`` or ``not``
   (:data:`SAME` / :data:`NOT_SAME`; the two colours are equal half of the time). " different",
   " yes" and " no" are several tokens in the proxy tokenizer, " same" and " not" one each.
+* ``labelled_images`` (:data:`LABEL_TASK`; second proxy only, which is trained on
+  :data:`ALL_TASKS`) -- cross-modal: 3 + :data:`LABEL_DISTRACTORS` coloured images at random
+  depths among the grey ones, each right after a text label (``The dog picture:`` <image>;
+  labels from :data:`LABEL_WORDS`, distinct; colours drawn independently, so they may repeat and
+  cannot be inferred by elimination). The prompt *starts* with an instruction naming 3 of the
+  labels in a random order (``Find the dog, cat and bus pictures.``) and ends with the generic
+  question ``Name each of those pictures and its colour.``; answer (:data:`CODE_LEN` 6 tokens):
+  ``label colour`` per named picture, in the instruction's order (``dog red cat blue bus red``).
+  Each colour needs the text label (which picture) *and* the image (its colour); each label
+  after the first is read from the instruction. The instruction, the labels and the images all
+  lie outside the observation window (the window holds only the generic question and the chat
+  tail), so 5 of the 6 answer tokens have to be read from the cache at decode time (only the
+  first, the first label, can be precomputed in the window). Why the instruction comes first:
+  with the label names in the final question (inside the window) the prefill pass can fetch each
+  named picture's colour into the question's label positions, which every policy keeps, and the
+  answer would survive any eviction, as the single-token answers did (see below).
 
 Why multi-token answers. In vLLM the policies evict *after* the prompt is fully prefilled, and
 the prefill pass runs full attention. A model answering with one token right after the prompt
@@ -76,13 +92,19 @@ from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 __all__ = [
+    "ALL_TASKS",
     "ANSWERS",
     "CODE_LEN",
     "COLOURS",
     "IMAGE_SIZE",
+    "LABEL_TASK",
+    "LABEL_WORDS",
     "MAX_CODE_LEN",
     "NOT_SAME",
     "PROTECTED_TAIL",
+    "PROXY_GEOMETRY",
+    "PROXY_GEOMETRY_V2",
+    "PROXY_VERSIONS",
     "SAME",
     "SECRET_WORDS",
     "TASKS",
@@ -100,9 +122,14 @@ __all__ = [
     "vllm_prompt",
 ]
 
+#: The tasks of the first proxy VLM (scripts/assets/proxy_vlm; what scripts/eval_proxy.py scores it on).
 TASKS: tuple[str, ...] = ("text_needle", "image_needle", "comparison")
+#: The cross-modal labelled-image task (proxy v2 only; see the module docstring).
+LABEL_TASK = "labelled_images"
+#: Every task: those of :data:`TASKS` plus :data:`LABEL_TASK` (the second proxy VLM's task set).
+ALL_TASKS: tuple[str, ...] = TASKS + (LABEL_TASK,)
 #: Answer length (tokens after ``:``) per task.
-CODE_LEN: dict[str, int] = {"text_needle": 6, "image_needle": 4, "comparison": 3}
+CODE_LEN: dict[str, int] = {"text_needle": 6, "image_needle": 4, "comparison": 3, LABEL_TASK: 6}
 MAX_CODE_LEN = max(CODE_LEN.values())
 
 IMAGE_SIZE = 84  # pixels: 6 x 6 patches of 14 -> 3 x 3 merged tokens
@@ -130,17 +157,29 @@ SECRET_WORDS: tuple[str, ...] = (
 #: tokenizer; " different", " yes" and " no" are not): "same" colour or "not".
 SAME, NOT_SAME = "same", "not"
 
+#: Labels of the labelled-image task ("The dog picture:"): the secret words, the only whole
+#: words (besides chat-template and question words) that are one token in the proxy tokenizer
+#: and never occur in filler text. In a labelled-image prompt they occur only as labels and in
+#: the instruction; the text needle uses them as code words (a different task, no labels).
+LABEL_WORDS: tuple[str, ...] = SECRET_WORDS
+LABEL_TEMPLATE = "The {label} picture: "  # right before its image
+LABEL_INSTRUCTION = "Find the {labels} pictures. "  # the first part of the prompt
+#: Labelled images per labelled-image prompt besides the asked ones (they are distractors).
+LABEL_DISTRACTORS = 2
+
 #: The vocabulary each task's answer tokens are drawn from.
 ANSWERS: dict[str, tuple[str, ...]] = {
     "text_needle": SECRET_WORDS,
     "image_needle": tuple(COLOURS),
     "comparison": tuple(COLOURS) + (SAME, NOT_SAME),
+    LABEL_TASK: LABEL_WORDS + tuple(COLOURS),
 }
 
 QUESTIONS = {
     "text_needle": "What is the secret code?",
     "image_needle": "Some images have colour. What are their colours?",
     "comparison": "Two images have colour. Name their colours, then compare them.",
+    LABEL_TASK: "Name each of those pictures and its colour.",
 }
 
 # Filler vocabulary: no secret word, no colour word, no answer word.
@@ -250,15 +289,20 @@ def _filler(rng: random.Random) -> str:
 
 def needle_images(task: str) -> int:
     """Image slots the needle occupies (the strip of the image needle; 1 for the text needle,
-    whose sentence precedes one image)."""
+    whose sentence precedes one image; the asked images of the labelled-image task)."""
+    if task == LABEL_TASK:
+        return CODE_LEN[task] // 2
     return CODE_LEN[task] if task == "image_needle" else 2 if task == "comparison" else 1
 
 
 def needle_room(task: str, code_len: int | None = None) -> int:
     """Image slots before the protected tail a sample of ``task`` needs: the strip (image needle),
-    3 (comparison: two coloured images with at least one grey image between them) or 1."""
+    3 (comparison: two coloured images with at least one grey image between them), the labelled
+    images (labelled-image task: asked + :data:`LABEL_DISTRACTORS`) or 1."""
     if task == "image_needle":
         return CODE_LEN[task] if code_len is None else code_len
+    if task == LABEL_TASK:
+        return (CODE_LEN[task] if code_len is None else code_len) // 2 + LABEL_DISTRACTORS
     return 3 if task == "comparison" else 1
 
 
@@ -270,8 +314,10 @@ def make_sample(task: str, seed: int, n_images: int, filler_prob: float = 0.7,
     answer lengths (``code_len``, default ``CODE_LEN[task]``; at most the task's vocabulary;
     always 3 for ``comparison``). The image strip has no filler text between its images. The
     two existing tasks draw exactly what they drew before ``comparison`` was added."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {ALL_TASKS}")
+    if task == LABEL_TASK:
+        return _labelled_sample(seed, n_images, filler_prob, protected_tail, code_len)
     k = CODE_LEN[task] if code_len is None else code_len
     if task == "comparison" and k != CODE_LEN[task]:
         raise ValueError(f"comparison: code_len must be {CODE_LEN[task]}, got {k}")
@@ -324,6 +370,54 @@ def make_sample(task: str, seed: int, n_images: int, filler_prob: float = 0.7,
     parts.append("\n" + QUESTIONS[task])
     return Sample(task, seed, n_images, parts, QUESTIONS[task], answer, slots, needle_part,
                   meta={"filler_prob": filler_prob, "protected_tail": protected_tail, "code_len": k})
+
+
+def _labelled_sample(seed: int, n_images: int, filler_prob: float, protected_tail: int,
+                     code_len: int | None) -> Sample:
+    """The labelled-image task (:data:`LABEL_TASK`): ``code_len // 2`` asked labelled images plus
+    :data:`LABEL_DISTRACTORS` labelled ones not asked about, at random depths in the first
+    ``n_images - protected_tail`` slots, each right after ``The <label> picture:``; labels
+    distinct, colours drawn independently (repeats allowed). The prompt starts with the
+    instruction naming the asked labels (in a random order) and ends with the generic
+    :data:`QUESTIONS` entry; the answer is ``label colour`` per asked image, in the
+    instruction's order."""
+    k = CODE_LEN[LABEL_TASK] if code_len is None else code_len
+    n_lab = k // 2 + LABEL_DISTRACTORS
+    if k < 2 or k % 2 or n_lab > len(LABEL_WORDS):
+        raise ValueError(f"{LABEL_TASK}: code_len must be even, in [2, {2 * (len(LABEL_WORDS) - LABEL_DISTRACTORS)}], got {k}")
+    if protected_tail < 0 or n_images - protected_tail < n_lab:
+        raise ValueError(f"{LABEL_TASK}: need n_images - protected_tail >= {n_lab}, got {n_images} - {protected_tail}")
+    rng = random.Random(seed)
+    images = [_grey(rng) for _ in range(n_images)]
+    fillers = [_filler(rng) if rng.random() < filler_prob else "" for _ in range(n_images)]
+    free = n_images - protected_tail
+    slots = sorted(rng.sample(range(free), n_lab))  # labelled image slots, prompt order
+    labels = rng.sample(LABEL_WORDS, n_lab)  # labels[i] introduces image slots[i]
+    colours = [rng.choice(tuple(COLOURS)) for _ in range(n_lab)]
+    for s, c in zip(slots, colours):
+        images[s] = _coloured(rng, c)
+    asked = rng.sample(range(n_lab), k // 2)  # instruction / answer order
+    answer = tuple(x for i in asked for x in (labels[i], colours[i]))
+    names = [labels[i] for i in asked]
+    joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    instruction = LABEL_INSTRUCTION.format(labels=joined)
+    label_of = dict(zip(slots, labels))
+    parts: list[Any] = [instruction]
+    label_part = {}
+    for i in range(n_images):
+        if fillers[i]:
+            parts.append(fillers[i])
+        if i in label_of:
+            label_part[i] = len(parts)
+            parts.append(LABEL_TEMPLATE.format(label=label_of[i]))
+        parts.append(images[i])
+    parts.append("\n" + QUESTIONS[LABEL_TASK])
+    needle_slots = tuple(slots[i] for i in asked)
+    return Sample(LABEL_TASK, seed, n_images, parts, QUESTIONS[LABEL_TASK], answer, needle_slots,
+                  label_part[needle_slots[0]],
+                  meta={"filler_prob": filler_prob, "protected_tail": protected_tail, "code_len": k,
+                        "instruction": instruction, "labelled_slots": tuple(slots),
+                        "labels": tuple(labels), "colours": tuple(colours)})
 
 
 def make_dataset(
@@ -385,7 +479,7 @@ def sep_token_id(tokenizer) -> int:
 
 def answer_token_ids(tokenizer, task: str | None = None) -> dict[str, int]:
     """Answer word -> token id of ``" " + word``; raises if any is not a single token."""
-    tasks = TASKS if task is None else (task,)
+    tasks = ALL_TASKS if task is None else (task,)
     out = {}
     for t in tasks:
         for w in ANSWERS[t]:
@@ -405,14 +499,21 @@ def target_token_ids(sample: Sample, tokenizer) -> list[int]:
 def needle_token_positions(sample: Sample, tokenizer, kind: str = "qwen2vl",
                            tokens_per_image: int = TOKENS_PER_IMAGE) -> list[int]:
     """Token positions of the needle: the K code tokens of the text needle, or the image
-    placeholder tokens of the coloured strip / the two coloured images (comparison)."""
+    placeholder tokens of the coloured strip / the two coloured images (comparison); for the
+    labelled-image task the asked labels' tokens (in the instruction and before their images)
+    and the asked images' placeholder tokens, in prompt order."""
     ids = prompt_token_ids(sample, tokenizer, kind, tokens_per_image)
     if sample.task == "text_needle":
         values = set(answer_token_ids(tokenizer, sample.task)[w] for w in sample.answer)
         return [i for i, t in enumerate(ids) if t in values]
     img_tok = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[kind])
     starts = [i for i, t in enumerate(ids) if t == img_tok and (i == 0 or ids[i - 1] != img_tok)]
-    return [starts[s] + j for s in sample.needle_slots for j in range(tokens_per_image)]
+    pos = [starts[s] + j for s in sample.needle_slots for j in range(tokens_per_image)]
+    if sample.task == LABEL_TASK:
+        word_ids = answer_token_ids(tokenizer, sample.task)
+        values = {word_ids[w] for w in sample.answer[0::2]}  # the asked labels
+        pos = sorted(pos + [i for i, t in enumerate(ids) if t in values])
+    return pos
 
 
 def summarize_lengths(samples: Sequence[Sample], tokenizer) -> dict[str, float]:
@@ -429,15 +530,29 @@ PROXY_GEOMETRY: dict[str, Any] = dict(
     vision_layers=2, vision_hidden=64, vision_heads=2,
     min_image_tokens=TOKENS_PER_IMAGE, max_image_tokens=TOKENS_PER_IMAGE, dtype="float32",
 )
+#: Geometry of the second, deeper proxy VLM ("v2", scripts/assets/proxy_vlm2): 8 layers, 8 query
+#: heads / 4 KV heads of 32 (GQA groups of 2), hidden 256; the same vision tower and image size.
+#: Trained on :data:`ALL_TASKS`.
+PROXY_GEOMETRY_V2: dict[str, Any] = dict(
+    layers=8, heads=8, kv_heads=4, head_dim=32, intermediate=384,
+    vision_layers=2, vision_hidden=64, vision_heads=2,
+    min_image_tokens=TOKENS_PER_IMAGE, max_image_tokens=TOKENS_PER_IMAGE, dtype="float32",
+)
+#: Proxy versions: geometry, task set and assets folder (under scripts/assets/).
+PROXY_VERSIONS: dict[str, dict[str, Any]] = {
+    "v1": {"geometry": PROXY_GEOMETRY, "tasks": TASKS, "assets": "proxy_vlm", "model": "proxy-vlm"},
+    "v2": {"geometry": PROXY_GEOMETRY_V2, "tasks": ALL_TASKS, "assets": "proxy_vlm2", "model": "proxy-vlm2"},
+}
 ASSET_WEIGHTS = "weights.fp16.safetensors"
 ASSET_INFO = "proxy_vlm.json"
 MODEL_INFO = "madakv_proxy_vlm.json"
 
 
-def default_assets_dir():
+def default_assets_dir(version: str = "v1"):
+    """scripts/assets/proxy_vlm (v1, the default) or scripts/assets/proxy_vlm2 (v2)."""
     from pathlib import Path
 
-    return Path(__file__).resolve().parents[1] / "scripts" / "assets" / "proxy_vlm"
+    return Path(__file__).resolve().parents[1] / "scripts" / "assets" / PROXY_VERSIONS[version]["assets"]
 
 
 def rebuild_proxy_model(out_dir, assets_dir=None):

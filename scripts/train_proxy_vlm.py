@@ -3,6 +3,14 @@
 of madakv_vllm/proxy_tasks.py, so eviction policies can be scored on accuracy without real weights.
 
     .venv/bin/python scripts/train_proxy_vlm.py --rebuild-only  # models/proxy-vlm from the assets
+    .venv/bin/python scripts/train_proxy_vlm.py --geometry v2 --rebuild-only  # models/proxy-vlm2
+
+Two proxies. ``--geometry v1`` (the default; everything below up to "Proxy v2" is about it):
+proxy_tasks.PROXY_GEOMETRY (4 layers, 2 KV heads), trained on proxy_tasks.TASKS, assets in
+scripts/assets/proxy_vlm/. ``--geometry v2``: proxy_tasks.PROXY_GEOMETRY_V2 (8 layers, 8 query
+/ 4 KV heads of 32, hidden 256), trained on proxy_tasks.ALL_TASKS (the three tasks plus the
+cross-modal ``labelled_images``), assets in scripts/assets/proxy_vlm2/, model in
+models/proxy-vlm2; see "Proxy v2" at the end of this docstring.
 
 Status: the model solves all three tasks (text needle, image needle, comparison). The committed
 assets in scripts/assets/proxy_vlm/ are a fine-tune (adding the ``comparison`` task) of the
@@ -131,6 +139,16 @@ EVAL_IMAGES = (24, 64)
 #: tokens depend on the needle in the cache; a fixed length would also let the model count.
 TRAIN_CODE_LEN = {"text_needle": (4, 12), "image_needle": (3, 5), "comparison": (3, 3),
                   "text_copy": (8, 32)}
+#: Labelled-image task (v2 only): labels asked per training sample (inclusive; the answer is
+#: ``label colour`` per asked label, so 2-8 answer tokens; eval: 3 labels, 6 tokens).
+TRAIN_LABELS_ASKED = (1, 4)
+
+
+def train_code_len(task: str, srng: random.Random) -> int:
+    """Answer length of a training sample (drawn from ``srng``; even for the labelled task)."""
+    if task == pt.LABEL_TASK:
+        return 2 * srng.randint(*TRAIN_LABELS_ASKED)
+    return srng.randint(*TRAIN_CODE_LEN[task])
 #: Training-only auxiliary task (on by default; ``--no-copy-task`` turns it off): a text needle
 #: whose code is drawn from AUX_WORDS (101 single tokens of the proxy tokenizer that never occur
 #: in filler text, secret or colour words, the questions or the chat template). With 12 secret
@@ -225,8 +243,13 @@ def train_labels(batcher, samples):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "models" / "proxy-vlm")
-    p.add_argument("--assets", type=Path, default=pt.default_assets_dir())
+    p.add_argument("--geometry", choices=sorted(pt.PROXY_VERSIONS), default="v1",
+                   help="proxy version: v1 (4 layers, 2 KV heads, TASKS; the default) or v2 "
+                        "(8 layers, 4 KV heads, ALL_TASKS); sets the defaults of --out / --assets")
+    p.add_argument("--out", type=Path, default=None,
+                   help="model dir (default models/proxy-vlm, v2: models/proxy-vlm2)")
+    p.add_argument("--assets", type=Path, default=None,
+                   help="assets dir (default scripts/assets/proxy_vlm, v2: scripts/assets/proxy_vlm2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=30)
@@ -250,7 +273,21 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=Path,
                    help="start from the trained weights in this assets dir (e.g. a copy of "
                         "scripts/assets/proxy_vlm after stages 0-4) instead of the random init")
-    return p.parse_args(argv)
+    p.add_argument("--window-check", type=int, default=None, metavar="W",
+                   help="also check with the answer steps restricted to the last W prompt tokens "
+                        "(plus 4 sink tokens and the answer so far), i.e. everything else evicted "
+                        "(default: 32 for v2, off for v1; 0: off)")
+    args = p.parse_args(argv)
+    version = pt.PROXY_VERSIONS[args.geometry]
+    if args.out is None:
+        args.out = REPO / "models" / version["model"]
+    if args.assets is None:
+        args.assets = pt.default_assets_dir(args.geometry)
+    if args.window_check is None:
+        args.window_check = 32 if args.geometry != "v1" else 0
+    args.geometry_dict = version["geometry"]
+    args.tasks = tuple(version["tasks"])
+    return args
 
 
 def per_sample_hits(logits, labels):
@@ -268,25 +305,73 @@ def per_sample_hits(logits, labels):
     return exact.tolist(), tok.tolist()
 
 
-def hf_accuracy(model, batcher, samples, batch_size=4):
+#: Set by hf_accuracy(window=W): [B, N, N] bool, True where a query may NOT see a key.
+_BLOCK: list = []
+
+
+def _blocking_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa attention with the extra mask in _BLOCK applied to the text layers (window check)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _BLOCK and type(module).__name__ == "Qwen2VLAttention":
+        block = _BLOCK[0][:, None]  # [B, 1, N, N]
+        n = query.shape[2]
+        if attention_mask is None:
+            attention_mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        if attention_mask.dtype == torch.bool:
+            attention_mask = attention_mask & ~block
+        else:
+            attention_mask = attention_mask.masked_fill(block, torch.finfo(attention_mask.dtype).min)
+        kwargs["is_causal"] = False
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def hf_accuracy(model, batcher, samples, batch_size=4, window: int = 0, sinks: int = 4):
     """Per task: greedy exact match (full-vocabulary argmax) of ``:`` and all K answer tokens,
-    and the per-token accuracy of the answer tokens (full attention, teacher forcing)."""
+    and the per-token accuracy of the answer tokens (full attention, teacher forcing), plus
+    ``token_rest``: the accuracy of answer tokens 2..K. With ``window`` W > 0 (the model must
+    use the "madakv_block" attention, see check()): the answer steps (the positions from ``:`` on,
+    the decode steps in vLLM) see only the first ``sinks`` prompt tokens, the last W prompt
+    tokens and the answer so far -- every other prompt token evicted after a full-attention
+    prefill; tokens that read the answer from the cache then fail."""
     import torch
 
     hits: dict[str, list[int]] = {}
     toks: dict[str, list[float]] = {}
+    rest: dict[str, list[float]] = {}
     model.eval()
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
             labels = batcher.labels(chunk)
-            logits = model(**batcher(chunk), logits_to_keep=labels.shape[1] + 1).logits
+            inputs = batcher(chunk)
+            if window > 0:
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                n = ids.shape[1]
+                block = torch.zeros(len(chunk), n, n, dtype=torch.bool)
+                for b, s in enumerate(chunk):
+                    start = n - int(mask[b].sum())  # left padding
+                    p_end = n - (len(s.answer) + 1)  # prompt = [start, p_end); ':' at p_end
+                    keys = torch.zeros(n, dtype=torch.bool)
+                    keys[start + sinks: p_end - window] = True  # evicted
+                    block[b, p_end:, :] = keys
+                _BLOCK[:] = [block]
+            try:
+                logits = model(**inputs, logits_to_keep=labels.shape[1] + 1).logits
+            finally:
+                _BLOCK.clear()
             exact, tok = per_sample_hits(logits, labels)
-            for s, e, t in zip(chunk, exact, tok):
+            pred = logits[:, :-1].argmax(-1)
+            for b, (s, e, t) in enumerate(zip(chunk, exact, tok)):
                 hits.setdefault(s.task, []).append(int(e))
                 toks.setdefault(s.task, []).append(t)
+                k = len(s.answer)  # answer tokens are the last k labels
+                r = (pred[b, -k + 1:] == labels[b, -k + 1:]).float().mean() if k > 1 else torch.tensor(float("nan"))
+                rest.setdefault(s.task, []).append(float(r))
     model.train()
-    return {t: {"exact": sum(v) / len(v), "token": sum(toks[t]) / len(toks[t])} for t, v in hits.items()}
+    return {t: {"exact": sum(v) / len(v), "token": sum(toks[t]) / len(toks[t]),
+                "token_rest": sum(rest[t]) / len(rest[t])} for t, v in hits.items()}
 
 
 def train(args) -> dict:
@@ -307,13 +392,14 @@ def train(args) -> dict:
             init_dir = pt.rebuild_proxy_model(Path(tmp) / "init", args.init_from)
             prior = json.loads((args.init_from / pt.ASSET_INFO).read_text())
         else:
-            init_dir = build_model(pt.PROXY_KIND, Path(tmp) / "init", seed=args.seed, **pt.PROXY_GEOMETRY)
+            init_dir = build_model(pt.PROXY_KIND, Path(tmp) / "init", seed=args.seed, **args.geometry_dict)
         processor = AutoProcessor.from_pretrained(str(init_dir))
         model = Qwen2VLForConditionalGeneration.from_pretrained(str(init_dir), dtype=torch.float32)
     model.train()
     batcher = pt.HFBatcher(processor)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"proxy VLM: {n_params / 1e6:.2f} M parameters, geometry {pt.PROXY_GEOMETRY}", flush=True)
+    print(f"proxy VLM {args.geometry}: {n_params / 1e6:.2f} M parameters, geometry {args.geometry_dict}, "
+          f"tasks {args.tasks}", flush=True)
 
     def new_optimizer():
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -332,11 +418,12 @@ def train(args) -> dict:
         info = {
             "kind": pt.PROXY_KIND,
             "seed": args.seed,
-            "tasks": list(pt.TASKS),
-            "code_len": pt.CODE_LEN,
-            "train_code_len": TRAIN_CODE_LEN,
+            "tasks": list(args.tasks),
+            "code_len": {t: pt.CODE_LEN[t] for t in args.tasks},
+            "train_code_len": TRAIN_CODE_LEN | ({pt.LABEL_TASK: [2 * x for x in TRAIN_LABELS_ASKED]}
+                                                if pt.LABEL_TASK in train_tasks else {}),
             "train_tasks": list(train_tasks),
-            "geometry": pt.PROXY_GEOMETRY,
+            "geometry": args.geometry_dict,
             "num_parameters": n_params,
             "training": {
                 "steps": step, "seconds": round(time.time() - t_start, 1), "stopped_early": stopped_early,
@@ -352,6 +439,8 @@ def train(args) -> dict:
             info["previous_phases"] = prior.get("previous_phases", []) + [
                 {k: prior[k] for k in ("tasks", "training", "check_accuracy") if k in prior}]
             info["training"]["init_from"] = str(args.init_from)
+        if v2:
+            info["version"] = args.geometry
         (args.assets / pt.ASSET_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return info
 
@@ -363,7 +452,8 @@ def train(args) -> dict:
     step = int(prior["training"]["steps"]) if prior is not None else 0
     log = []
     stopped_early = False
-    train_tasks = pt.TASKS + ((COPY_TASK,) if args.copy_task else ())
+    v2 = args.geometry != "v1"
+    train_tasks = args.tasks + ((COPY_TASK,) if args.copy_task else ())
     for si in stages:
         lo, hi, filler_prob, tail, bs, min_steps, max_steps, lr_scale, schedule = STAGES[si]
         if schedule == "cosine":
@@ -427,7 +517,7 @@ def train(args) -> dict:
                 seed = pt.sample_seed("train", task, step * 64 + j, args.seed)
                 srng = random.Random(seed ^ 0x5EED)
                 n = srng.randint(lo, hi)
-                kk = srng.randint(*TRAIN_CODE_LEN[task])
+                kk = train_code_len(task, srng)
                 n = max(n, pt.needle_room(task if task != COPY_TASK else "text_needle", kk) + tail + 1)
                 samples.append(make_train_sample(task, seed, n, filler_prob, tail, kk))
             if schedule == "cosine":
@@ -459,9 +549,9 @@ def train(args) -> dict:
             tok_accs = {t: (sum(v) / len(v) if v else 0.0) for t, v in recent_tok.items()}
             bar.set_postfix(tok=",".join(f"{a:.2f}" for a in tok_accs.values()),loss=f"{loss.item():.3f}", len=inputs["input_ids"].shape[1],
                             **{("copy" if t == COPY_TASK else t[:4]): f"{a:.2f}" for t, a in accs.items()})
-            full = all(len(recent[t]) == args.window for t in pt.TASKS)
+            full = all(len(recent[t]) == args.window for t in args.tasks)
             if (schedule == "const" and stage_steps >= min_steps and full
-                    and min(accs[t] for t in pt.TASKS) >= args.advance_acc):
+                    and min(accs[t] for t in args.tasks) >= args.advance_acc):
                 break
             if time.time() > (const_deadline if schedule == "const" else deadline):
                 stopped_early = True
@@ -492,21 +582,37 @@ def check(args, info: dict | None) -> dict:
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+    from transformers import AttentionInterface
+
     torch.set_num_threads(args.threads)
     out = pt.rebuild_proxy_model(args.out, args.assets)
     print(f"rebuilt {out} from {args.assets}", flush=True)
     if args.check_per_task <= 0:
         return {}
+    tasks = json.loads((out / pt.MODEL_INFO).read_text()).get("tasks", list(pt.TASKS))
     processor = AutoProcessor.from_pretrained(str(out))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32)
+    AttentionInterface.register("madakv_block", _blocking_attention)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        str(out), dtype=torch.float32, **({"attn_implementation": "madakv_block"} if args.window_check > 0 else {}))
     # "check" split: disjoint from both the training and the eval split.
-    samples = pt.make_dataset(pt.TASKS, args.check_per_task, EVAL_IMAGES, split="check", base_seed=args.seed)
+    samples = pt.make_dataset(tasks, args.check_per_task, EVAL_IMAGES, split="check", base_seed=args.seed)
     t0 = time.time()
     acc = hf_accuracy(model, pt.HFBatcher(processor), samples)
+    if args.window_check <= 0:
+        for v in acc.values():
+            v.pop("token_rest")  # the v1 record's format
     print(f"held-out HF accuracy (rebuilt fp16 weights, {args.check_per_task}/task, "
           f"{EVAL_IMAGES[0]}-{EVAL_IMAGES[1]} images): {json.dumps(acc)} [{time.time() - t0:.0f} s]", flush=True)
+    win = None
+    if args.window_check > 0:
+        t0 = time.time()
+        win = hf_accuracy(model, pt.HFBatcher(processor), samples, window=args.window_check)
+        print(f"same, answer steps see only 4 sink + the last {args.window_check} prompt tokens: "
+              f"{json.dumps(win)} [{time.time() - t0:.0f} s]", flush=True)
     if info is not None:
         info["check_accuracy"] = {"per_task": args.check_per_task, "images": list(EVAL_IMAGES), "accuracy": acc}
+        if win is not None:
+            info["check_accuracy"]["window_only"] = {"window": args.window_check, "sinks": 4, "accuracy": win}
         (args.assets / pt.ASSET_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return acc
 

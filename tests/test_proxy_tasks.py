@@ -252,3 +252,117 @@ def test_rebuilt_model_through_vllm_reads_the_compressed_cache(proxy_model):
         changed += list(o.outputs[0].token_ids[1:]) != list(e.outputs[0].token_ids[1:])
     assert exact == len(samples), exact  # full cache: every answer right
     assert changed >= len(samples) // 2, changed
+
+
+# --------------------------------------------------------------------------- labelled images (v2)
+LT = pt.LABEL_TASK
+
+
+def test_labelled_task_is_deterministic_and_leaves_the_other_tasks_alone():
+    a = pt.make_dataset(pt.ALL_TASKS, 5, EVAL_IMAGES, split="eval")
+    b = pt.make_dataset(pt.ALL_TASKS, 5, EVAL_IMAGES, split="eval")
+    assert [_key(x) for x in a] == [_key(x) for x in b]
+    assert [s.task for s in a[: len(pt.ALL_TASKS)]] == list(pt.ALL_TASKS)
+    assert pt.ALL_TASKS[: len(pt.TASKS)] == pt.TASKS and LT not in pt.TASKS
+    old = pt.make_dataset(pt.TASKS, 5, EVAL_IMAGES, split="eval")
+    assert [_key(x) for x in a if x.task != LT] == [_key(x) for x in old]  # same draws as before
+    assert pt.CODE_LEN[LT] == 6 and set(pt.ANSWERS[LT]) == set(pt.LABEL_WORDS) | set(pt.COLOURS)
+
+
+def test_labelled_needles_and_answers():
+    k = pt.CODE_LEN[LT]
+    for i in range(60):
+        n = 8 + i % 40
+        s = pt.make_sample(LT, pt.sample_seed("unit", LT, i), n)
+        labels, colours, slots = s.meta["labels"], s.meta["colours"], s.meta["labelled_slots"]
+        n_lab = k // 2 + pt.LABEL_DISTRACTORS
+        assert len(s.answer) == k and len(labels) == len(set(labels)) == n_lab == len(slots)
+        assert len(s.images) == n and list(slots) == sorted(slots)
+        assert all(0 <= j < n - pt.PROTECTED_TAIL for j in slots)  # never in the protected tail
+        assert s.parts[0] == s.meta["instruction"] and s.parts[-1] == "\n" + pt.QUESTIONS[LT]
+        coloured = [j for j, im in enumerate(s.images) if im.is_colour]
+        assert tuple(coloured) == slots  # exactly the labelled images have colour
+        assert tuple(s.images[j].colour for j in slots) == colours
+        asked, answer_colours = s.answer[0::2], s.answer[1::2]
+        assert len(set(asked)) == k // 2 and set(asked) <= set(labels)
+        assert set(answer_colours) <= set(pt.COLOURS)
+        # each label right before its image; the answer colour is that image's colour
+        for lab, slot in zip(labels, slots):
+            idx = s.parts.index(pt.LABEL_TEMPLATE.format(label=lab))
+            assert s.parts[idx + 1] is s.images[slot]
+        for lab, col, slot in zip(asked, answer_colours, s.needle_slots):
+            assert s.images[slot].colour == col and labels[slots.index(slot)] == lab
+        assert s.parts[s.needle_part] == pt.LABEL_TEMPLATE.format(label=asked[0])
+        # the instruction names the asked labels in answer order; labels occur nowhere else
+        instr = s.meta["instruction"]
+        assert [instr.index(" " + w) for w in asked] == sorted(instr.index(" " + w) for w in asked)
+        text = "".join(p for p in s.parts if isinstance(p, str))
+        for w in pt.LABEL_WORDS:
+            assert text.count(" " + w + " ") + text.count(" " + w + ",") == (w in asked) + (w in labels)
+
+
+def test_labelled_answer_balance():
+    ds = [s for s in pt.make_dataset(pt.ALL_TASKS, 120, EVAL_IMAGES, split="eval") if s.task == LT]
+    assert set(w for s in ds for w in s.answer[0::2]) == set(pt.LABEL_WORDS)
+    assert set(w for s in ds for w in s.answer[1::2]) == set(pt.COLOURS)
+    # the asked order is not the prompt order; colours may repeat (no elimination shortcut)
+    in_order = sum(list(s.needle_slots) == sorted(s.needle_slots) for s in ds)
+    assert 0.05 < in_order / len(ds) < 0.35
+    assert any(len(set(s.answer[1::2])) < len(s.answer[1::2]) for s in ds)
+    depth = [min(s.needle_slots) / s.n_images for s in ds] + [max(s.needle_slots) / s.n_images for s in ds]
+    assert min(depth) < 0.1 and max(depth) > 0.75
+
+
+def test_labelled_bad_arguments():
+    with pytest.raises(ValueError):
+        pt.make_sample(LT, 0, 30, code_len=5)  # label + colour pairs
+    with pytest.raises(ValueError):
+        pt.make_sample(LT, 0, 30, code_len=2 * len(pt.LABEL_WORDS))  # not enough distinct labels
+    n_lab = pt.CODE_LEN[LT] // 2 + pt.LABEL_DISTRACTORS
+    with pytest.raises(ValueError):
+        pt.make_sample(LT, 0, n_lab + pt.PROTECTED_TAIL - 1)
+    assert pt.needle_room(LT) == n_lab and pt.needle_images(LT) == pt.CODE_LEN[LT] // 2
+    s = pt.make_sample(LT, 0, 3, protected_tail=0, code_len=2)  # the shortest training sample
+    assert len(s.answer) == 2 and s.meta["labelled_slots"] == (0, 1, 2)
+
+
+def test_labelled_tokens_and_positions(tokenizer):
+    ids_of = pt.answer_token_ids(tokenizer, LT)  # raises unless every label / colour is one token
+    assert set(ids_of) == set(pt.LABEL_WORDS) | set(pt.COLOURS)
+    img = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ds = [s for s in pt.make_dataset(pt.ALL_TASKS, 15, EVAL_IMAGES, split="eval") if s.task == LT]
+    for s in ds:
+        ids = pt.prompt_token_ids(s, tokenizer)
+        n = len(ids)
+        assert 400 <= n <= 2000
+        pos = pt.needle_token_positions(s, tokenizer)
+        n_ask = len(s.answer) // 2
+        assert len(pos) == n_ask * (2 + pt.TOKENS_PER_IMAGE)  # label in instruction + before image, image
+        assert max(pos) < n - 32  # label and image both outside the 32-token observation window
+        assert min(pos) > 10  # after the system prompt
+        text_pos = [p for p in pos if ids[p] != img]
+        assert sorted(ids[p] for p in text_pos) == sorted(2 * [ids_of[w] for w in s.answer[0::2]])
+        assert sum(ids[p] == img for p in pos) == pt.TOKENS_PER_IMAGE * n_ask
+        assert tokenizer.decode(ids[-8:]).endswith("assistant\nAnswer")
+        target = pt.target_token_ids(s, tokenizer)
+        assert target == [pt.sep_token_id(tokenizer)] + [ids_of[w] for w in s.answer]
+        assert pt.prompt_token_ids(s, tokenizer, with_answer=True) == ids + target
+        tail = tokenizer.decode(ids[-32:])
+        assert not any(" " + w in tail for w in pt.LABEL_WORDS)  # no label inside the window
+
+
+ASSETS_V2 = pt.default_assets_dir("v2")
+
+
+@pytest.mark.skipif(not (ASSETS_V2 / pt.ASSET_WEIGHTS).is_file(), reason="no proxy v2 assets")
+def test_v2_assets_are_compact_and_rebuild_is_deterministic(tmp_path):
+    import json
+
+    info = json.loads((ASSETS_V2 / pt.ASSET_INFO).read_text())
+    assert info["tasks"] == list(pt.ALL_TASKS) and info["geometry"] == pt.PROXY_GEOMETRY_V2
+    assert (ASSETS_V2 / pt.ASSET_WEIGHTS).stat().st_size < 15 * 2**20
+    a = pt.rebuild_proxy_model(tmp_path / "a", ASSETS_V2)
+    b = pt.rebuild_proxy_model(tmp_path / "b", ASSETS_V2)
+    digest = lambda d: hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(a) == digest(b)
+    assert json.loads((a / pt.MODEL_INFO).read_text())["tasks"] == list(pt.ALL_TASKS)
