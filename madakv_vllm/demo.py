@@ -5,7 +5,7 @@
 
 The model is the small Qwen2-VL-shaped proxy VLM trained in this repository (rebuilt from
 ``scripts/assets/proxy_vlm`` if ``models/proxy-vlm`` is missing); it finds a 6-word code hidden
-among dozens of images and filler text (``madakv_vllm.proxy_tasks``, text-needle task). The demo
+among dozens of images and filler text (``madakv_eval.proxy_tasks``, text-needle task). The demo
 starts ``vllm serve`` on 127.0.0.1, asks the same question twice through the ``openai`` client
 (per-request ``vllm_xargs``: policy ``full``, then the chosen policy and budget), and prints a
 table: both answers and the expected one; the KV pages the request held after its prompt was
@@ -20,114 +20,21 @@ import argparse
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
+from madakv_eval.serve import free_port, serve
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def image_data_url(seed: int = 0, size: int = 64) -> str:
-    from PIL import Image
-
-    img = Image.new("RGB", (size, size))
-    px = img.load()
-    for x in range(size):
-        for y in range(size):
-            px[x, y] = ((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, ((x + y) * 3) % 256)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-@contextmanager
-def serve(model: Path, port: int, *args: str, env: dict | None = None, log: Path | None = None, timeout: float = 240):
-    """Run ``vllm serve`` on 127.0.0.1:port until the block exits."""
-    vllm_bin = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_bin), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
-    full_env = {**os.environ, **(env or {})}
-    if "--kv-cache-memory-bytes" in args:  # vLLM's CPU platform lets the variable override the flag
-        full_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    else:
-        full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                tail = Path(log).read_text()[-3000:] if log else ""
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}\n{tail}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"vllm serve not ready after {timeout}s")
-            time.sleep(1)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if log:
-            out.close()
-
-
-def metrics(port: int) -> dict[str, float]:
-    """The unlabelled-by-value numbers of vLLM's Prometheus endpoint, summed per metric name."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        name = name.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return out
-
-
-def chat_with_image(port: int, model: str, text: str = "Describe the image.", n_images: int = 1, **extra):
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
-    content = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in range(n_images)]
-    content.append({"type": "text", "text": text})
-    return client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": content}],
-        max_tokens=extra.pop("max_tokens", 16),
-        temperature=0,
-        **extra,
-    )
 
 
 PROXY_TASK = "text_needle"
 
 
 def ensure_proxy_model(root: Path = ROOT / "models") -> Path:
-    from madakv_vllm import proxy_tasks as pt
+    from madakv_eval import proxy_tasks as pt
 
     out = root / "proxy-vlm"
     if not (out / "model.safetensors").is_file() or not (out / pt.MODEL_INFO).is_file():
@@ -145,7 +52,7 @@ def proxy_messages(sample) -> list[dict]:
     """The proxy prompt as OpenAI chat messages: the user turn interleaves text and images; the
     assistant turn is continued from ``Answer`` (vLLM's ``continue_final_message``), which is how
     the model was trained to answer."""
-    from madakv_vllm import proxy_tasks as pt
+    from madakv_eval import proxy_tasks as pt
 
     content = []
     for part in sample.parts:
@@ -239,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7, help="which prompt (proxy_tasks.make_sample seed)")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args(argv)
-    from madakv_vllm import proxy_tasks as pt
+    from madakv_eval import proxy_tasks as pt
 
     t0 = time.time()
     model = ensure_proxy_model()

@@ -53,7 +53,7 @@ except ImportError:  # not installed: use the checkout
 
 from madakv_vllm.accounting import cdiv, plan_compression  # noqa: E402
 from madakv_vllm.config import MadaKVConfig  # noqa: E402
-from madakv_vllm.demo import free_port, metrics, serve  # noqa: E402
+from madakv_eval.serve import free_port, metrics, serve  # noqa: E402
 
 MODEL_DIR = ROOT / "models" / "bench-qwen2vl"
 GEOMETRY = {"max_image_tokens": 256}  # otherwise the tiny default: 2 layers, 4 q / 2 KV heads, head_dim 32, bf16
@@ -69,7 +69,7 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def ensure_model(path: Path = MODEL_DIR) -> Path:
-    from madakv_vllm.tiny_models import build_model, image_token_count, load_info
+    from madakv_eval.tiny_models import build_model, image_token_count, load_info
 
     info_file = path / "madakv_tiny_model.json"
     if info_file.exists():
@@ -82,7 +82,7 @@ def ensure_model(path: Path = MODEL_DIR) -> Path:
 
 
 def kv_bytes_per_token(model: Path) -> int:
-    from madakv_vllm.tiny_models import load_info
+    from madakv_eval.tiny_models import load_info
 
     g = load_info(model)["geometry"]
     elem = {"bfloat16": 2, "float16": 2, "float32": 4}[g["dtype"]]

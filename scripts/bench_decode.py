@@ -5,7 +5,7 @@
     # docs/results.md: --layers 2 --lengths 4096,16384,32768 --images 16 --decode 48 --repeats 2
 
 Model: Qwen2-VL-2B's attention geometry (12 query heads, 2 KV heads, head dim 128, hidden 1536,
-MLP 8960) with few layers and random weights (madakv_vllm.tiny_models), bf16 as vLLM runs it on
+MLP 8960) with few layers and random weights (madakv_eval.tiny_models), bf16 as vLLM runs it on
 CPU. Both engines live in one process and are measured interleaved, one request at a time (each
 repeat: stock, then madakv at every budget); for each prompt length and budget: prefill time (wall
 time of the steps until the first token), decode ms/token (median step time after the prompt's
@@ -27,11 +27,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 
 def prompt_of(n_tokens: int, tok, images: int):
-    from conftest import mm_prompt, words
+    from madakv_eval.prompts import mm_prompt, words
 
     per_image = 64
     text_tokens = max(16, n_tokens - images * per_image)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    from madakv_vllm.tiny_models import build_model
+    from madakv_eval.tiny_models import build_model
 
     model = ROOT / "models" / f"bench-qwen2vl-2b-l{args.layers}"
     if not (model / "config.json").exists():

@@ -49,7 +49,7 @@ BLOCK_SIZE = 32
 
 
 def ensure_model(layers: int, max_pos: int) -> Path:
-    from madakv_vllm.tiny_models import build_model, load_info
+    from madakv_eval.tiny_models import build_model, load_info
 
     path = ROOT / "models" / f"bench-qwen2-2b-l{layers}"
     want = dict(SHAPE, layers=layers)

@@ -39,14 +39,14 @@ try:
 except ImportError:  # not installed: use the checkout
     sys.path.append(str(ROOT))
 
-from madakv_vllm.demo import free_port, metrics, serve  # noqa: E402
+from madakv_eval.serve import free_port, metrics, serve  # noqa: E402
 
 BLOCK_SIZE = 32
 IMAGE_SIDE = 224  # 224 / 28 = 8 -> 64 placeholder tokens per image
 
 
 def build(layers: int) -> Path:
-    from madakv_vllm.tiny_models import build_model
+    from madakv_eval.tiny_models import build_model
 
     model = ROOT / "models" / f"bench-qwen2vl-2b-l{layers}"
     if not (model / "config.json").exists():  # same geometry as scripts/bench_decode.py

@@ -5,7 +5,7 @@
     python scripts/build_tiny_models.py --kind llava --out models/ --layers 4 --image-size 128
 
 Each kind goes to <out>/tiny-<kind>/ (replaced if it exists). The logic lives in
-madakv_vllm/tiny_models.py; this is a thin command-line wrapper over it. Then, e.g.:
+madakv_eval/tiny_models.py; this is a thin command-line wrapper over it. Then, e.g.:
 
     VLLM_CPU_KVCACHE_SPACE=1 vllm serve models/tiny-llava --max-model-len 4096
 """
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from madakv_vllm import tiny_models  # noqa: E402
+from madakv_eval import tiny_models  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model kind, or 'all' (default)")
     p.add_argument("--out", default="models", type=Path, help="output root (default: models/)")
     p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("geometry (defaults: madakv_vllm.tiny_models.Geometry)")
+    g = p.add_argument_group("geometry (defaults: madakv_eval.tiny_models.Geometry)")
     g.add_argument("--layers", type=int)
     g.add_argument("--hidden", type=int, help="default heads * head_dim")
     g.add_argument("--heads", type=int)

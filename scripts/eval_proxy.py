@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Accuracy proxy for KV-cache eviction: every policy at every budget, end to end through vLLM,
-on the synthetic long-context tasks of madakv_vllm/proxy_tasks.py, with the trained proxy VLM.
+on the synthetic long-context tasks of madakv_eval/proxy_tasks.py, with the trained proxy VLM.
 
     .venv/bin/python scripts/train_proxy_vlm.py --rebuild-only   # models/proxy-vlm from the assets
     .venv/bin/python scripts/eval_proxy.py [--n-per-task 40] [--out models/proxy-eval.json]
@@ -15,7 +15,7 @@ computes over the full prompt (before eviction), then the K answer tokens, each 
 step over the compressed cache -- with the log-probabilities of the whole vocabulary. (A
 single-token answer measures no eviction: the prefill pass computes it into the observation
 window every policy keeps, so every policy tied with full cache; see
-madakv_vllm/proxy_tasks.py.) For each policy x budget x task:
+madakv_eval/proxy_tasks.py.) For each policy x budget x task:
 
 * ``acc``      -- exact match of the whole K-token answer;
 * ``tok``      -- per-token accuracy of the K answer tokens (position by position);
@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from madakv_vllm import proxy_tasks as pt  # noqa: E402
+from madakv_eval import proxy_tasks as pt  # noqa: E402
 from madakv_vllm.config import IMAGE, POLICIES, TEXT  # noqa: E402
 
 EVAL_IMAGES = (24, 64)
@@ -342,7 +342,7 @@ def markdown_report(report: dict) -> str:
     table, paired = report["table"], report.get("paired", {})
     budgets = report["budgets"]
     ref = next((d["reference"].split("@")[0] for d in paired.values()), None)
-    rows = [f"| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    rows = ["| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
     names = [report["table"][k]["policy"] for k in table if table[k]["budget"] is not None]
     for name in dict.fromkeys(names):
         cells = []

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from transformers import AttentionInterface, AutoProcessor, Qwen2VLForConditionalGeneration
 
     import eval_proxy as ep
-    from madakv_vllm import proxy_tasks as pt
+    from madakv_eval import proxy_tasks as pt
     from madakv_vllm.config import IMAGE, NUM_MODALITIES, TEXT, MadaKVConfig
     from madakv_vllm.policies import FORCED, Ranking, make_policy, window_scores
 

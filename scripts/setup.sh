@@ -30,7 +30,7 @@
 #      `vllm --version`.
 #   Trap 3 (NUMA memory check at engine start) needs VLLM_CPU_KVCACHE_SPACE (GiB) at run time:
 #   printed at the end. Trap 4 (LLaVA vision-tower key names) is handled in
-#   madakv_vllm/tiny_models.py.
+#   madakv_eval/tiny_models.py.
 set -euo pipefail
 
 T0=$(date +%s.%N)

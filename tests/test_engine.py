@@ -15,7 +15,7 @@ from conftest import IMAGE_TOKEN, mm_prompt, words
 
 from madakv_vllm.accounting import cdiv
 from madakv_vllm.config import IMAGE, TEXT
-from madakv_vllm.tiny_models import image_token_count
+from madakv_eval.tiny_models import image_token_count
 
 FULL = {"policy": "full"}
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from madakv_vllm import milebench as mb
+from madakv_eval import milebench as mb
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("ObjectShuffle", "IEdit", "TextNeedleInAHaystack")

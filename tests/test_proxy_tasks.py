@@ -1,4 +1,4 @@
-"""Synthetic proxy tasks (madakv_vllm/proxy_tasks.py) and, when the trained assets are present,
+"""Synthetic proxy tasks (madakv_eval/proxy_tasks.py) and, when the trained assets are present,
 the proxy VLM rebuilt from them (scripts/assets/proxy_vlm/) answering through vLLM.
 
 Generators: determinism, where the needles are (never inside the observation window), answers
@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from madakv_vllm import proxy_tasks as pt
+from madakv_eval import proxy_tasks as pt
 
 EVAL_IMAGES = (24, 64)  # scripts/eval_proxy.py
 
@@ -23,7 +23,7 @@ EVAL_IMAGES = (24, 64)  # scripts/eval_proxy.py
 @pytest.fixture(scope="module")
 def proxy_skeleton(tmp_path_factory):
     """A random-weight model with the proxy geometry: the same tokenizer and processor."""
-    from madakv_vllm.tiny_models import build_model
+    from madakv_eval.tiny_models import build_model
 
     return build_model(pt.PROXY_KIND, tmp_path_factory.mktemp("proxy") / "skeleton", seed=0,
                        **pt.PROXY_GEOMETRY)

@@ -10,7 +10,7 @@ import textwrap
 import openai
 import pytest
 
-from madakv_vllm.demo import chat_with_image, free_port, metrics, serve
+from madakv_eval.serve import chat_with_image, free_port, metrics, serve
 
 pytestmark = pytest.mark.slow
 

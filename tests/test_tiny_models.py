@@ -1,4 +1,4 @@
-"""Tiny local models (madakv_vllm.tiny_models): deterministic builds that stock vLLM 0.32 loads.
+"""Tiny local models (madakv_eval.tiny_models): deterministic builds that stock vLLM 0.32 loads.
 
 vLLM tests use the session-wide in-process engines of tests/conftest.py (one per model kind,
 enforce_eager, VLLM_ENABLE_V1_MULTIPROCESSING=0), so the file runs in well under a minute.
@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from madakv_vllm import tiny_models  # noqa: E402
-from madakv_vllm.tiny_models import KINDS, build_model, image_token_count  # noqa: E402
+from madakv_eval import tiny_models  # noqa: E402
+from madakv_eval.tiny_models import KINDS, build_model, image_token_count  # noqa: E402
 
 VLMS = ("llava", "qwen2vl")
 MAX_TOKENS = 8

@@ -75,12 +75,11 @@ def _register_backend_enum() -> None:
 
 
 def is_madakv(backend) -> bool:
-    return backend is not None and getattr(backend, "name", None) == BACKEND_NAME
+    return backend is not None and backend.name == BACKEND_NAME
 
 
 def selected_in(vllm_config) -> bool:
-    attn = getattr(vllm_config, "attention_config", None)
-    return is_madakv(getattr(attn, "backend", None))
+    return is_madakv(vllm_config.attention_config.backend)
 
 
 # --- startup checks -------------------------------------------------------------
@@ -121,7 +120,7 @@ def configure_engine(vllm_config) -> MadaKVConfig:
         # Compacted pages hold a different token set than their hash says.
         logger.info("madakv: prefix caching turned off (compacted KV blocks cannot be shared)")
         cache.enable_prefix_caching = False
-    if not getattr(cache, "user_specified_block_size", True) and (cache.block_size or 0) > DEFAULT_BLOCK_SIZE:
+    if not cache.user_specified_block_size and (cache.block_size or 0) > DEFAULT_BLOCK_SIZE:
         # Pages are the unit in which eviction returns memory, and a compressed request keeps up to
         # two partly used pages per layer (accounting.py): the CPU platform's default of 128 tokens
         # would cost up to 256 tokens per head on top of the budget. 32 keeps the CPU kernels' fast
@@ -129,7 +128,7 @@ def configure_engine(vllm_config) -> MadaKVConfig:
         logger.info("madakv: block_size %s -> %s (pages are the unit of eviction)", cache.block_size, DEFAULT_BLOCK_SIZE)
         cache.block_size = DEFAULT_BLOCK_SIZE
     sched = vllm_config.scheduler_config
-    if getattr(sched, "async_scheduling", False):
+    if sched.async_scheduling:
         # Pages freed at step t+1 must already be compacted by step t's forward.
         logger.info("madakv: async scheduling turned off (eviction needs step-ordered frees)")
         sched.async_scheduling = False

@@ -14,9 +14,9 @@ ships as one folder per task under a data root::
 
 Usage (a GPU server with ``vllm serve <vlm> --attention-backend madakv`` running, or offline)::
 
-    python -m madakv_vllm.milebench --data-root data/MileBench --tasks ObjectShuffle,IEdit \\
+    python -m madakv_eval.milebench --data-root data/MileBench --tasks ObjectShuffle,IEdit \\
         --policy madakv --budget 0.2 --api-base http://127.0.0.1:8000/v1 --out results.json
-    python -m madakv_vllm.milebench --data-root data/MileBench --tasks all \\
+    python -m madakv_eval.milebench --data-root data/MileBench --tasks all \\
         --policy snapkv --budget 0.1 --model /models/Qwen2-VL-7B-Instruct --out results.json --limit 50
 
 ``--policy``/``--budget`` travel per request (OpenAI ``extra_body={"vllm_xargs": {"madakv_policy",
@@ -736,7 +736,7 @@ def _budget(text: str) -> int | float:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m madakv_vllm.milebench",
+        prog="python -m madakv_eval.milebench",
         description="Run MileBench tasks through vLLM (OpenAI API or offline LLM) with a MadaKV "
                     "policy/budget and score them with MileBench's metrics.")
     ap.add_argument("--data-root", required=True, help="folder with one <Task>/<Task>.json + images/ per task")

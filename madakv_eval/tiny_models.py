@@ -26,7 +26,7 @@ float32 weights.
 
 Usage::
 
-    from madakv_vllm.tiny_models import build_model
+    from madakv_eval.tiny_models import build_model
     path = build_model("llava", "models/tiny-llava", seed=0, layers=4)
 
 Building a model takes well under a second (the tokenizer is trained once per process).

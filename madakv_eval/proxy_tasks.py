@@ -71,6 +71,16 @@ from the cache, and two small images are cheaper to keep than a 6-word code or a
 not analysed further).
 Results and commands: docs/data/proxy-eval.json, docs/plots/accuracy_vs_budget.png.
 
+Proxy v2 (:data:`PROXY_GEOMETRY_V2`: 8 layers, 4 KV heads; scripts/assets/proxy_vlm2, rebuilt
+with ``rebuild_proxy_model(out, default_assets_dir("v2"))``) is trained on :data:`ALL_TASKS`
+(scripts/train_proxy_vlm.py ``--geometry v2``: 95 min of CPU training). Held-out check (Hugging
+Face, teacher forcing, 24-64 images, "check" split, 100 samples per task): exact match text
+needle 1.00, image needle 0.99, comparison 0.96, labelled images 0.95 (per-token 0.99-1.00);
+on the "eval" split, 40 per task, 0.975, 1.00, 0.875, 0.875 -- not fully solved, unlike v1;
+with every prompt token outside the 32-token window and 4 sinks hidden from the answer steps,
+exact match 0.00-0.10 on every task (details in that script's docstring). Its per-head
+modality preference: scripts/plot_head_modality.py.
+
 Every prompt has the same background: ``n_images`` grey distractor images (grey level x pattern),
 most of them preceded by a short filler sentence. Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE``
 pixels, i.e. ``TOKENS_PER_IMAGE`` (9) placeholder tokens in a Qwen2-VL model with patch 14 and
@@ -522,7 +532,7 @@ def summarize_lengths(samples: Sequence[Sample], tokenizer) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the proxy model
-#: Geometry of the proxy VLM (madakv_vllm.tiny_models.build_model overrides): Qwen2-VL shape,
+#: Geometry of the proxy VLM (madakv_eval.tiny_models.build_model overrides): Qwen2-VL shape,
 #: 4 layers, 8 query heads / 2 KV heads of 32, hidden 256; 9 image tokens per 84 x 84 image.
 PROXY_KIND = "qwen2vl"
 PROXY_GEOMETRY: dict[str, Any] = dict(
@@ -569,7 +579,7 @@ def rebuild_proxy_model(out_dir, assets_dir=None):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from madakv_vllm.tiny_models import build_model
+    from madakv_eval.tiny_models import build_model
 
     assets = Path(assets_dir) if assets_dir is not None else default_assets_dir()
     info = json.loads((assets / ASSET_INFO).read_text())
