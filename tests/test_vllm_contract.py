@@ -258,3 +258,27 @@ def test_worker_refuses_to_start_under_a_runner_it_does_not_hook(model_dir, monk
     with pytest.raises(Exception, match="refusing to start"):
         LLM(model=str(model_dir("llama")), enforce_eager=True, max_model_len=1024, block_size=32, dtype="float32",
             attention_backend="madakv")
+
+
+@needs_cpu_build
+@pytest.mark.parametrize("change, reason", [
+    ({}, None),
+    ({"has_sliding_window": True}, "sliding window not supported"),
+    ({"has_sink": True}, "attention sinks not supported"),
+    ({"use_non_causal": True}, "non-causal attention not supported"),
+    ({"use_mla": True}, "MLA not supported"),
+    ({"head_size": 40}, "head_size not supported"),
+])
+def test_cpu_backend_capabilities_are_checked_by_vllms_own_validation(change, reason):
+    """What per-head eviction cannot serve is declared on the backend class and refused at
+    selection by vLLM's validate_configuration, naming the reason."""
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from madakv_vllm.integration import plugin
+
+    cfg = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=32)._replace(**change)
+    if reason is None:
+        plugin.validate_backend(plugin.CPU_BACKEND_PATH, cfg, None)
+    else:
+        with pytest.raises(ValueError, match=reason):
+            plugin.validate_backend(plugin.CPU_BACKEND_PATH, cfg, None)

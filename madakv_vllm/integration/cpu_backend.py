@@ -36,8 +36,20 @@ logger = logging.getLogger("vllm.madakv")
 
 
 class MadaKVCPUBackend(CPUAttentionBackend):
+    """CPU_ATTN's capabilities (dtypes, head sizes, 32-token kernel blocks) minus what per-head
+    eviction cannot serve: sliding windows, non-causal decoder attention and sinks (vLLM's
+    validate_configuration refuses them at startup, plugin.validate_backend)."""
+
     # We write K/V ourselves: slots are per (token, KV head) in the per-head view.
     forward_includes_kv_cache_update: bool = True
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
 
     @staticmethod
     def get_name() -> str:
@@ -75,8 +87,6 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.runner = per_head.hooked_runner(type(self).__name__)
-        if self.window_size != -1:
-            raise ValueError("--attention-backend madakv does not support sliding-window attention layers")
         self._layers = sorted(layer_names, key=extract_layer_index)
         self.state = WorkerKV(
             server_config(vllm_config), self._layers, self.num_kv_heads, self.num_heads, self.head_dim, self.block_size
@@ -127,11 +137,10 @@ class MadaKVCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         per_head.set_config_json(server_config(get_current_vllm_config()).model_dump_json())
-        if self.attn_type == AttentionType.DECODER:
-            if self.sliding_window != -1 or self.sinks is not None or self.alibi_slopes is not None:
-                raise ValueError("--attention-backend madakv supports plain causal attention layers only")
-            if self.logits_soft_cap:
-                raise ValueError("--attention-backend madakv does not support attention logit soft-capping")
+        # ALiBi and soft-capping are not in vLLM's selector config, so validation cannot see them.
+        if self.attn_type == AttentionType.DECODER and (self.alibi_slopes is not None or self.logits_soft_cap):
+            raise ValueError("--attention-backend madakv supports plain causal attention layers only "
+                             "(no ALiBi, no logit soft-capping)")
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         if self.attn_type != AttentionType.DECODER:

@@ -149,8 +149,11 @@ class MadaKVCUDAImpl(AttentionImpl):
                  sinks=None, **kwargs) -> None:
         if attn_type != AttentionType.DECODER:
             raise ValueError("--attention-backend madakv supports decoder attention only")
-        if sliding_window is not None or alibi_slopes is not None or sinks is not None or logits_soft_cap:
-            raise ValueError("--attention-backend madakv supports plain causal attention layers only")
+        # ALiBi and soft-capping are not in vLLM's selector config (sliding windows and sinks are,
+        # and validate_configuration refuses them with the class attributes above).
+        if alibi_slopes is not None or logits_soft_cap:
+            raise ValueError("--attention-backend madakv supports plain causal attention layers only "
+                             "(no ALiBi, no logit soft-capping)")
         if kv_sharing_target_layer_name is not None:
             raise ValueError("--attention-backend madakv does not support cross-layer KV sharing")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
