@@ -30,6 +30,7 @@ def cuda_backend_path() -> str | None:
     """Our backend on the CUDA platform, or None until opted in (not yet verified on a GPU)."""
     return CUDA_BACKEND_PATH if os.environ.get("MADAKV_EXPERIMENTAL_CUDA") == "1" else None
 
+
 _registered = False
 
 
