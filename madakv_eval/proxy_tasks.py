@@ -61,15 +61,9 @@ script). Held-out check (Hugging Face, teacher forcing, 24-64 images, "check" sp
 per task): exact match 1.00 and per-token 1.00 on all three tasks. Through vLLM with the full
 cache (scripts/eval_proxy.py --n-per-task 40, "eval" split, 348 s): exact match 1.00 text
 needle, 1.00 image needle, 0.975 comparison (39/40). Under eviction the answers degrade with
-the budget and differ by policy; mean exact match over the three tasks at budget 0.2: SnapKV
-0.47, PyramidKV 0.54, AdaKV 0.48, MadaKV 0.52, MadaKV-MPA 0.53, StreamingLLM 0.08, H2O 0.22,
-LOOK-M 0.05; at 0.5: PyramidKV 0.92, MadaKV-MPA 0.86, SnapKV 0.83, MadaKV 0.56. The fine-tune
-changed the two old tasks' behaviour under eviction (with the two-task model, budget 0.2:
-SnapKV 0.46, PyramidKV 0.55, MadaKV 0.59). The comparison is the easiest task under eviction
-(H2O 0.63 exact at 0.2 against 0.00 text / 0.03 image; only 2 of its 3 answer tokens come
-from the cache, and two small images are cheaper to keep than a 6-word code or a 4-image strip;
-not analysed further).
-Results and commands: docs/data/proxy-eval.json, docs/plots/accuracy_vs_budget.png.
+the budget and differ by policy: the current tables (dev split for tuning, test split for
+reporting, both proxies) are in docs/results.md ("Fidelity").
+Results and commands: docs/data/proxy-eval.json (v1) and proxy-eval-v2.json, docs/plots/accuracy_vs_budget.png.
 
 Proxy v2 (:data:`PROXY_GEOMETRY_V2`: 8 layers, 4 KV heads; scripts/assets/proxy_vlm2, rebuilt
 with ``rebuild_proxy_model(out, default_assets_dir("v2"))``) is trained on :data:`ALL_TASKS`
