@@ -90,16 +90,18 @@ def metrics(port: int) -> dict[str, float]:
     return out
 
 
-def chat_with_image(port: int, model: str, text: str = "Describe the image.", n_images: int = 1, **extra):
+def chat_with_image(port: int, model: str, text: str = "Describe the image.", n_images: int = 1, first_image: int = 0,
+                    **extra):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
-    content = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in range(n_images)]
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)  # see every 5xx
+    content = [{"type": "image_url", "image_url": {"url": image_data_url(first_image + i)}}
+               for i in range(n_images)]
     content.append({"type": "text", "text": text})
     return client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": content}],
         max_tokens=extra.pop("max_tokens", 16),
-        temperature=0,
+        temperature=extra.pop("temperature", 0),
         **extra,
     )

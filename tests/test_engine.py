@@ -251,6 +251,18 @@ def test_invalid_request_args_rejected_engine_survives(engine):
     assert len(llm.generate([prompt], greedy(4), use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 
+def test_offline_rejected_request_does_not_poison_the_next_with_its_image(engine):
+    """LLM.generate: a request rejected after its image was processed must not leave the image in
+    the front end's sender cache only (the next request with it would reach the engine as a bare
+    reference and fail)."""
+    llm = engine("qwen2vl", FULL)
+    prompt = mm_prompt("qwen2vl", [77, words(20)])
+    with pytest.raises(Exception, match="madakv_budget"):
+        llm.generate([prompt], greedy(4, madakv_budget=3.5), use_tqdm=False)
+    out = llm.generate([prompt], greedy(4), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 4, out.finish_reason
+
+
 def test_random_requests_aborts_preemption_no_leak(engine):
     """Hundreds of random requests (lengths, images, budgets, policies, aborts) in a small pool:
     preemption happens, every block comes back."""

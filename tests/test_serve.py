@@ -50,6 +50,43 @@ def test_per_request_override_and_http_400(server):
     assert chat_with_image(port, model).usage.completion_tokens >= 1
 
 
+def _stream_error(port, model, **kw):
+    """A streamed chat whose request the engine rejects: HTTP 200, then an error event."""
+    try:
+        chunks = list(chat_with_image(port, model, stream=True, **kw))
+    except openai.APIError as e:
+        return str(e)
+    return " ".join(str(c) for c in chunks)
+
+
+REJECTED = [  # (request arguments, what the 400 names); each is rejected after its image was processed
+    ({"extra_body": {"vllm_xargs": {"madakv_budget": 4.0}}}, "madakv_budget"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"temperature": -5}, "temperature"),
+    ({"max_tokens": 10**7}, "max_tokens"),
+]
+
+
+def test_a_rejected_request_never_poisons_a_later_one(server):
+    """vLLM 0.32's front end caches an image before it validates the request; a 400 left the image
+    in the sender cache only, and the next request with it got HTTP 500 (P0/P1 cache drift)."""
+    port, model, log = server
+    hits = metrics(port).get("vllm:mm_cache_hits_total", 0.0)
+    for i, (bad, field) in enumerate(REJECTED):
+        image = 100 + i  # an image no earlier request sent
+        with pytest.raises(openai.BadRequestError) as e:
+            chat_with_image(port, model, first_image=image, text=f"request {i}", **bad)
+        assert e.value.status_code == 400 and field in str(e.value)
+        assert chat_with_image(port, model, first_image=image, text=f"request {i}").usage.completion_tokens >= 1
+    image = 200  # the engine rejects a streamed request after the 200 status: rolled back there
+    assert "madakv_budget" in _stream_error(port, model, first_image=image, extra_body={"vllm_xargs": {"madakv_budget": 0}})
+    assert chat_with_image(port, model, first_image=image).usage.completion_tokens >= 1
+    # accepted requests keep their entries: the same image again is a cache hit, not resent
+    assert chat_with_image(port, model, first_image=image).usage.completion_tokens >= 1
+    assert metrics(port).get("vllm:mm_cache_hits_total", 0.0) > hits
+    assert "cache drift" not in log.read_text()
+
+
 def test_invalid_server_config_fails_at_startup_naming_the_field(model_dir):
     vllm_bin = os.path.join(os.path.dirname(sys.executable), "vllm")
     r = subprocess.run(

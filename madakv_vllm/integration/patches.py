@@ -13,6 +13,10 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``CpuPlatform`` / ``CudaPlatformBase.check_and_update_config`` | validate our config at startup; page size, prefix caching, async scheduling, CUDA graphs |
 | ``VllmConfig._get_v2_model_runner_unsupported_features`` | madakv needs the V1 model runner: vLLM then chooses it |
 | ``InputProcessor._validate_params`` | HTTP 400 for a bad ``madakv_*`` request argument |
+| ``BaseRenderer._process_tokens`` / ``_process_tokens_async`` | note the multimodal sender-cache entries a rendered request added (``mm_cache.py``) |
+| ``InputProcessor.process_inputs`` | submit them with the engine request, or roll them back when it is rejected |
+| ``OfflineInferenceMixin._render_and_add_requests`` | one rollback scope per offline ``LLM`` call |
+| ``vllm.entrypoints.launchers.app.init_entrypoints_middleware`` | one rollback scope per HTTP request (ASGI middleware) |
 | ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner.initialize_metadata_builders`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start) |
@@ -44,6 +48,11 @@ def install() -> None:
         _patch_platform("vllm.platforms.cuda", "CudaPlatformBase", plugin.cuda_backend_path)
     _wrap("vllm.config", "VllmConfig._get_v2_model_runner_unsupported_features", _v2_runner_unsupported)
     _wrap("vllm.v1.engine.input_processor", "InputProcessor._validate_params", _validate_params)
+    _wrap("vllm.renderers.base", "BaseRenderer._process_tokens", _process_tokens)
+    _wrap("vllm.renderers.base", "BaseRenderer._process_tokens_async", _process_tokens_async)
+    _wrap("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", _process_inputs)
+    _wrap("vllm.entrypoints.common.offline", "OfflineInferenceMixin._render_and_add_requests", _offline_scope)
+    _wrap("vllm.entrypoints.launchers.app", "init_entrypoints_middleware", _entrypoints_middleware)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", _allocate_slots)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_metadata_builders",
@@ -51,11 +60,12 @@ def install() -> None:
 
 
 def _wrap(module: str, qualname: str, make_wrapper, as_classmethod: bool = False) -> None:
-    """Replace ``module.qualname`` (``Class.attr``) by ``make_wrapper(original)``. The attribute
-    must exist: a vLLM that renamed it fails here, at plugin load, not silently later."""
-    owner_name, attr = qualname.rsplit(".", 1)
+    """Replace ``module.qualname`` (``Class.attr``, or a module-level name) by
+    ``make_wrapper(original)``. The attribute must exist: a vLLM that renamed it fails here, at
+    plugin load, not silently later."""
+    owner_name, _, attr = qualname.rpartition(".")
     owner = importlib.import_module(module)
-    for part in owner_name.split("."):
+    for part in filter(None, owner_name.split(".")):
         owner = getattr(owner, part)
     original = getattr(owner, attr)
     if as_classmethod:
@@ -126,6 +136,78 @@ def _validate_params(orig):
         result = orig(self, params, supported_tasks)
         if plugin.selected_in(self.vllm_config):
             plugin.validate_request_args(self.vllm_config, params.extra_args)
+        return result
+
+    return wrapper
+
+
+def _process_tokens(orig):
+    from madakv_vllm.integration import mm_cache, plugin
+
+    def wrapper(self, prompt, *args, skip_mm_cache: bool = False, **kwargs):
+        engine_input = orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs)
+        scope = mm_cache.current()
+        if scope is not None and plugin.selected_in(self.config):
+            scope.note(self, engine_input, skip_mm_cache)
+        return engine_input
+
+    return wrapper
+
+
+def _process_tokens_async(orig):
+    from madakv_vllm.integration import mm_cache, plugin
+
+    async def wrapper(self, prompt, *args, skip_mm_cache: bool = False, **kwargs):
+        engine_input = await orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs)
+        scope = mm_cache.current()
+        if scope is not None and plugin.selected_in(self.config):
+            scope.note(self, engine_input, skip_mm_cache)
+        return engine_input
+
+    return wrapper
+
+
+def _process_inputs(orig):
+    """The engine request is built (it goes to the engine core, which stores the new items) or the
+    request is rejected: the rendered input's new sender-cache entries are submitted or rolled back."""
+    from madakv_vllm.integration import mm_cache, plugin
+
+    def wrapper(self, request_id, prompt, params, *args, **kwargs):
+        if not plugin.selected_in(self.vllm_config):
+            return orig(self, request_id, prompt, params, *args, **kwargs)
+        with mm_cache.request_scope() as scope:
+            before = set(scope.pending)
+            try:
+                request = orig(self, request_id, prompt, params, *args, **kwargs)
+            except BaseException:
+                scope.roll_back([id(prompt), *(set(scope.pending) - before)])
+                raise
+            scope.submit([id(prompt), *(set(scope.pending) - before)])  # a raw prompt renders in there
+            return request
+
+    return wrapper
+
+
+def _offline_scope(orig):
+    from madakv_vllm.integration import mm_cache, plugin
+
+    def wrapper(self, *args, **kwargs):
+        if not plugin.selected_in(self.llm_engine.vllm_config):
+            return orig(self, *args, **kwargs)
+        with mm_cache.request_scope():
+            return orig(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _entrypoints_middleware(orig):
+    """Added last, so outermost: its request scope is set before any other middleware runs."""
+    from madakv_vllm.integration import mm_cache, plugin
+
+    def wrapper(args, app, supported_tasks, *rest, **kwargs):
+        result = orig(args, app, supported_tasks, *rest, **kwargs)
+        if plugin.is_madakv_name(getattr(args, "attention_backend", None)):
+            app.add_middleware(mm_cache.RejectedRequestRollback)
         return result
 
     return wrapper

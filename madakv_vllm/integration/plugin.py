@@ -79,6 +79,11 @@ def is_madakv(backend) -> bool:
     return backend is not None and backend.name == BACKEND_NAME
 
 
+def is_madakv_name(backend) -> bool:
+    """``--attention-backend madakv`` as the API server's arguments hold it (a string or the enum)."""
+    return backend is not None and str(getattr(backend, "name", backend)).upper() == BACKEND_NAME
+
+
 def selected_in(vllm_config) -> bool:
     return is_madakv(vllm_config.attention_config.backend)
 
