@@ -90,6 +90,15 @@ def metrics(port: int) -> dict[str, float]:
     return out
 
 
+def labelled_metrics(port: int, prefix: str = "madakv:") -> dict[tuple[str, frozenset], float]:
+    """Samples of the metrics whose name starts with ``prefix``: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples if s.name.startswith(prefix)}
+
+
 def chat_with_image(port: int, model: str, text: str = "Describe the image.", n_images: int = 1, first_image: int = 0,
                     **extra):
     from openai import OpenAI

@@ -21,6 +21,7 @@ POLICIES: tuple[str, ...] = get_args(PolicyName)
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 MODALITY_IDS = {"text": TEXT, "image": IMAGE, "video": VIDEO, "audio": AUDIO}
 NUM_MODALITIES = 4
+MODALITY_NAMES = tuple(MODALITY_IDS)  # by id
 
 #: StreamingLLM's attention sinks (Xiao et al. 2024; kvpress StreamingLLMPress n_sink).
 STREAMINGLLM_SINKS = 4

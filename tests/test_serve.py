@@ -1,18 +1,23 @@
 """Real multi-process paths: `vllm serve --attention-backend madakv` (OpenAI API) and the
 offline LLM class with spawned engine-core / worker processes."""
 
+import collections
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import openai
 import pytest
 
-from madakv_eval.serve import chat_with_image, free_port, metrics, serve
+from madakv_eval.serve import chat_with_image, free_port, labelled_metrics, metrics, serve
 
 pytestmark = pytest.mark.slow
+
+
+SERVER_CONFIG = {"policy": "madakv", "budget": 0.2, "recompress_interval": 32}
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +25,7 @@ def server(model_dir, tmp_path_factory):
     model = model_dir("qwen2vl")
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cfg = json.dumps({"madakv": {"policy": "madakv", "budget": 0.2, "recompress_interval": 32}})
+    cfg = json.dumps({"madakv": SERVER_CONFIG})
     with serve(model, port, "--attention-backend", "madakv", "--additional-config", cfg, "--max-model-len", "8192",
                "--block-size", "32", "--enforce-eager", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, log=log):
         yield port, str(model), log
@@ -48,6 +53,54 @@ def test_per_request_override_and_http_400(server):
         assert e.value.status_code == 400 and field in str(e.value)
     # the engine is still serving
     assert chat_with_image(port, model).usage.completion_tokens >= 1
+
+
+def test_metrics_count_what_the_page_contract_says(server):
+    """madakv:* on vLLM's /metrics (counted in the engine core and the worker) after requests with
+    known policies and budgets: pages freed, entries kept and evicted, requests per policy and
+    compression events equal what accounting.py says those requests do."""
+    from madakv_vllm.accounting import plan_compression
+    from madakv_vllm.config import config_from_vllm, resolve
+
+    port, model, _ = server
+    text_cfg = json.loads((Path(model) / "config.json").read_text())["text_config"]
+    heads = text_cfg["num_hidden_layers"] * text_cfg["num_key_value_heads"]  # (layer, KV head) pairs
+    server_cfg = config_from_vllm({"madakv": SERVER_CONFIG})
+    before = labelled_metrics(port)
+    pages = kept = entries = 0
+    policies = collections.Counter()
+    for xargs, n_images, words in [({}, 2, 300), ({"madakv_policy": "snapkv", "madakv_budget": 0.1}, 1, 500),
+                                   ({"madakv_policy": "streamingllm", "madakv_budget": 0.3}, 3, 200),
+                                   ({"madakv_policy": "full"}, 1, 300)]:
+        r = chat_with_image(port, model, n_images=n_images, text="compare the images " * (words // 3), max_tokens=8,
+                            extra_body={"vllm_xargs": xargs})  # 8 tokens: no re-compression (every 32)
+        cfg = resolve(server_cfg, xargs)
+        plan = plan_compression(cfg, r.usage.prompt_tokens, 32)
+        if plan is None:
+            continue
+        policies[cfg.policy] += 1
+        pages += r.usage.prompt_tokens // 32 - plan.keep_pages
+        kept += heads * plan.budget
+        entries += heads * r.usage.prompt_tokens
+    after = labelled_metrics(port)
+
+    def delta(name, **labels):
+        return sum(v - before.get(k, 0.0) for k, v in after.items()
+                   if k[0] == name and set(labels.items()) <= set(k[1]))
+
+    assert policies == {"madakv": 1, "snapkv": 1, "streamingllm": 1}
+    assert delta("madakv:kv_pages_freed_total") == pages > 0
+    for policy, n in policies.items():
+        assert delta("madakv:requests_compressed_total", policy=policy) == n
+    assert delta("madakv:requests_compressed_total", policy="full") == 0
+    assert delta("madakv:tokens_kept_total", event="prompt") == kept
+    assert delta("madakv:tokens_kept_total", event="prompt") + delta("madakv:tokens_evicted_total", event="prompt") == entries
+    for modality in ("text", "image"):
+        assert delta("madakv:tokens_kept_total", modality=modality) > 0
+        assert delta("madakv:tokens_evicted_total", modality=modality) > 0
+    assert delta("madakv:compression_seconds_count", event="prompt") == 3
+    assert delta("madakv:compression_seconds_sum", event="prompt") > 0
+    assert "vllm:kv_cache_usage_perc" in metrics(port)  # vLLM's own metrics are still there
 
 
 def _stream_error(port, model, **kw):

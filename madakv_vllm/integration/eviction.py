@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from madakv_vllm.accounting import RequestPlan
-from madakv_vllm.config import MadaKVConfig
+from madakv_vllm.config import MODALITY_NAMES, MadaKVConfig
+from madakv_vllm.integration import metrics
 from madakv_vllm.integration.kv_manager import request_config
 from madakv_vllm.integration.paged import FlatKVCache
 from madakv_vllm.modality import modality_array
@@ -99,6 +101,7 @@ class Event:
     kept: list = field(default_factory=list)  # per layer: list of H index tensors
     policy: object = None  # the request's policy (policies.Policy)
     policy_state: object = None  # policies.CompressionState of a prompt event
+    seconds: float = 0.0  # spent in selection and compaction (not in the model's layers between)
 
 
 class WorkerKV:
@@ -184,6 +187,13 @@ class WorkerKV:
         """Right after ``layer``'s attention. Prompt: the policy scores the layer; after the last
         layer it selects every layer's tokens at once (HCC's global readings need all layers).
         Re-compression: each head is cut back to its count with the request's own policy."""
+        t0 = time.perf_counter()
+        try:
+            self._select_layer(ev, layer)
+        finally:
+            ev.seconds += time.perf_counter() - t0
+
+    def _select_layer(self, ev: Event, layer: int) -> None:
         rs = ev.req
         from madakv_vllm.policies import make_policy
 
@@ -222,7 +232,12 @@ class WorkerKV:
     # --- compaction (after the last layer) ---------------------------------------
 
     def compact(self, ev: Event) -> None:
+        t0 = time.perf_counter()
         rs, c, bs, L, H = ev.req, self.cache, self.bs, self.num_layers, self.H
+        if ev.kind is EventKind.PROMPT:
+            before = torch.bincount(rs.modality(ev.length).long(), minlength=len(MODALITY_NAMES)) * (L * H)
+        else:
+            before = entries_by_modality(rs.entry_modality, rs.lens)
         counts = torch.tensor([[len(ev.kept[l][h]) for h in range(H)] for l in range(L)], dtype=torch.long)
         src_slots, mods, poss = [], [], []
         if ev.kind is EventKind.PROMPT:
@@ -277,8 +292,10 @@ class WorkerKV:
             rs.base_counts = counts.clone()
             if rs.plan.interval <= 0:
                 rs.queries = [None] * L  # no re-compression: the window queries are not needed again
-            if logger.isEnabledFor(logging.DEBUG):
-                log_compression(rs, all_mods, entry_modality, counts, len(ev.block_ids), len(pages))
+        kept = entries_by_modality(entry_modality, counts)
+        metrics.compression(ev.kind.value, kept, before, ev.seconds + time.perf_counter() - t0)
+        if ev.kind is EventKind.PROMPT and logger.isEnabledFor(logging.DEBUG):
+            log_compression(rs, all_mods, kept, L * H, len(ev.block_ids), len(pages))
 
     # --- reading entries -----------------------------------------------------------
 
@@ -316,20 +333,19 @@ class WorkerKV:
 
 
 
-MODALITY_NAMES = ("text", "image", "video", "audio")
+def entries_by_modality(entry_modality: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Entries per modality over every (layer, head): ``entry_modality[l, h, :counts[l, h]]``."""
+    live = torch.arange(entry_modality.shape[2]).view(1, 1, -1) < counts.unsqueeze(-1)
+    return torch.bincount(entry_modality[live].long(), minlength=len(MODALITY_NAMES))
 
 
-def log_compression(rs: RequestKV, prompt_mods: torch.Tensor, entry_modality: torch.Tensor, counts: torch.Tensor,
+def log_compression(rs: RequestKV, prompt_mods: torch.Tensor, kept: torch.Tensor, num_heads: int,
                     pages_before: int, pages_after: int) -> None:
     """One DEBUG line per prompt compression (the demo parses it): per modality, prompt tokens and
-    the tokens kept per (layer, KV head) on average; the request's KV pages before and after."""
-    L, H = counts.shape
+    the tokens kept per (layer, KV head) on average (``kept``: entries over all ``num_heads``
+    (layer, head) pairs); the request's KV pages before and after."""
     in_prompt = torch.bincount(prompt_mods.long(), minlength=len(MODALITY_NAMES))
-    kept = torch.zeros(len(MODALITY_NAMES), dtype=torch.long)
-    for l in range(L):
-        for h in range(H):
-            kept += torch.bincount(entry_modality[l, h, : int(counts[l, h])].long(), minlength=len(MODALITY_NAMES))
-    parts = [f"{name}={int(in_prompt[m])}->{float(kept[m]) / (L * H):.1f}"
+    parts = [f"{name}={int(in_prompt[m])}->{float(kept[m]) / num_heads:.1f}"
              for m, name in enumerate(MODALITY_NAMES) if in_prompt[m] > 0]
     logger.debug("madakv compressed request=%s policy=%s budget=%s tokens=%d kept_per_head: %s pages=%d->%d",
                  rs.req_id, rs.cfg.policy, rs.cfg.budget, int(prompt_mods.numel()), " ".join(parts),

@@ -17,6 +17,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from madakv_vllm.accounting import RequestPlan
 from madakv_vllm.config import MadaKVConfig, resolve
+from madakv_vllm.integration import metrics
 
 logger = logging.getLogger("vllm.madakv")
 
@@ -60,11 +61,18 @@ class MadaKVManager(FullAttentionManager):
         if st is None:
             return
         # The worker compresses at exactly this length, in the step that completes the prompt.
-        st.prompt_done(processed_computed_tokens, self.block_size)
+        if st.prompt_done(processed_computed_tokens, self.block_size) and st.plan is not None:
+            metrics.request_compressed(st.cfg.policy)
         if st.plan is None:
             return
         first, last = st.plan.freed_range(st.plan.event_len(processed_computed_tokens), self.block_size)
+        blocks = self.req_to_blocks.get(request_id, ())
+        last = min(last, len(blocks))
+        if first >= last or blocks[last - 1] is self._null_block:
+            return  # freed already (vLLM frees backwards from the range's end, up to a freed page)
+        held = sum(b is not self._null_block for b in blocks[first:last])
         self._remove_blocks_in_range(request_id, first, last)
+        metrics.pages_freed(held - sum(b is not self._null_block for b in blocks[first:last]))
 
     def pop_blocks_for_free(self, request_id: str):
         self.requests.pop(request_id, None)

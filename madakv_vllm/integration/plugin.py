@@ -148,6 +148,9 @@ def configure_engine(vllm_config) -> MadaKVConfig:
     if spec is not None:
         raise ValueError("--attention-backend madakv does not support speculative decoding yet")
     logger.info("madakv: %s", cfg.model_dump())
+    from madakv_vllm.integration import metrics
+
+    metrics.export_from_engine_processes()
     return cfg
 
 
