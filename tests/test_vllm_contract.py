@@ -282,3 +282,19 @@ def test_cpu_backend_capabilities_are_checked_by_vllms_own_validation(change, re
     else:
         with pytest.raises(ValueError, match=reason):
             plugin.validate_backend(plugin.CPU_BACKEND_PATH, cfg, None)
+
+
+def test_metrics_endpoint_reads_every_process_when_the_multiprocess_dir_is_set(monkeypatch, tmp_path):
+    """metrics.export_from_engine_processes sets PROMETHEUS_MULTIPROC_DIR after start and swaps
+    prometheus_client's value class: vLLM's /metrics registry must then merge the directory's files."""
+    from prometheus_client import Counter, CollectorRegistry, values
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    from madakv_vllm.integration import patches
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)  # restored afterwards
+    patches.use_multiprocess_metric_values()
+    Counter("madakv:contract_probe", "probe", registry=CollectorRegistry()).inc(3)  # written to tmp_path
+    samples = {s.name: s.value for m in get_prometheus_registry().collect() for s in m.samples}
+    assert samples.get("madakv:contract_probe_total") == 3

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 
 from madakv_vllm.config import MODALITY_NAMES
 
 _lock = threading.Lock()
 _metrics: dict | None = None
+_multiproc_dir: tempfile.TemporaryDirectory | None = None
 
 BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 API_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -36,13 +38,15 @@ API_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 def export_from_engine_processes() -> None:
     """Turn on vLLM's multiprocess Prometheus mode in the OpenAI server (before the engine starts).
     Elsewhere (offline ``LLM``), or where vLLM or the user turned it on already, nothing changes."""
+    global _multiproc_dir
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ or API_SERVER_MODULE not in sys.modules:
         return
-    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
-
     from madakv_vllm.integration import patches
 
-    setup_multiprocess_prometheus()
+    # What vLLM's setup_multiprocess_prometheus does, but holding the directory here: at shutdown
+    # vLLM 0.32 passes its TemporaryDirectory object where a path is expected and logs an ERROR.
+    _multiproc_dir = tempfile.TemporaryDirectory(prefix="madakv-prometheus-")  # removed at exit
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _multiproc_dir.name
     patches.use_multiprocess_metric_values()
 
 

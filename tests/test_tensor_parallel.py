@@ -1,0 +1,110 @@
+"""Tensor parallelism with vLLM's multi-process executor on this machine's CPU: two worker ranks,
+each compressing its own KV heads, against the same requests at TP=1."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from madakv_eval.serve import chat_with_image, free_port, labelled_metrics, metrics, serve
+
+pytestmark = pytest.mark.slow
+
+CONFIG = {"policy": "madakv", "budget": 0.2, "recompress_interval": 32}
+#: heads are independent: TP=2 must give TP=1's greedy tokens
+INDEPENDENT = ("full", "snapkv", "streamingllm", "pyramidkv", "h2o", "lookm")
+#: heads are coupled (AdaKV's per-layer pool, MadaKV's per-layer totals): each rank couples its own
+COUPLED = ("madakv", "adakv")
+
+
+def _args(tp: int) -> list[str]:
+    return ["--attention-backend", "madakv", "--additional-config", json.dumps({"madakv": CONFIG}),
+            "--max-model-len", "8192", "--block-size", "32", "--enforce-eager", "--seed", "0",
+            "--tensor-parallel-size", str(tp)]
+
+
+@contextlib.contextmanager
+def _headless_node(model, args: list[str], log: Path):
+    """Node rank 1 of a two-node deployment: its worker only, no API server."""
+    vllm_bin = Path(sys.executable).with_name("vllm")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(vllm_bin), "serve", str(model), *args, "--node-rank", "1", "--headless"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def _run(model, tp: int, log, policies=INDEPENDENT + COUPLED, extra=(), env=None):
+    port = free_port()
+    # one OpenMP thread per rank, on its own core
+    env = env or {"VLLM_CPU_OMP_THREADS_BIND": "0|1" if tp == 2 else "0-1"}
+    with serve(model, port, *_args(tp), *extra, env=env, log=log):
+        tokens = {}
+        for policy in policies:
+            r = chat_with_image(port, str(model), n_images=2, text="compare the images " * 120, max_tokens=40,
+                                logprobs=True, extra_body={"vllm_xargs": {"madakv_policy": policy}})
+            tokens[policy] = [t.token for t in r.choices[0].logprobs.content]  # 40 > 32: re-compressed too
+        deadline = time.time() + 10
+        while metrics(port)["vllm:kv_cache_usage_perc"] != 0 and time.time() < deadline:
+            time.sleep(0.5)
+        return tokens, metrics(port)["vllm:kv_cache_usage_perc"], labelled_metrics(port)
+
+
+def _total(samples, name, **labels):
+    return sum(v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= set(lab))
+
+
+def test_tp2_matches_tp1_where_heads_are_independent_and_keeps_exact_totals(model_dir, tmp_path):
+    model = model_dir("qwen2vl")  # 2 KV heads: one per rank
+    tp1, usage1, m1 = _run(model, 1, tmp_path / "tp1.log")
+    tp2, usage2, m2 = _run(model, 2, tmp_path / "tp2.log")
+    assert usage1 == usage2 == 0  # every page returned
+    for policy in INDEPENDENT:
+        assert len(tp1[policy]) == 40
+        assert tp2[policy] == tp1[policy], policy
+    for policy in COUPLED:  # served, with per-rank coupling (docs/integration.md)
+        assert len(tp2[policy]) == 40
+    # One block table for both ranks: the same pages are freed; each rank keeps exactly its heads'
+    # share of L*H*B, so the kept entries summed over ranks equal TP=1's.
+    assert _total(m2, "madakv:kv_pages_freed_total") == _total(m1, "madakv:kv_pages_freed_total") > 0
+    for event in ("prompt", "recompress"):
+        kept1 = _total(m1, "madakv:tokens_kept_total", event=event)
+        assert _total(m2, "madakv:tokens_kept_total", event=event) == kept1 > 0, event
+        # one observation per rank and event
+        assert _total(m2, "madakv:compression_seconds_count", event=event) == 2 * _total(
+            m1, "madakv:compression_seconds_count", event=event)
+    assert "madakv" in (tmp_path / "tp2.log").read_text()
+
+
+def test_two_node_ranks_on_localhost_match_tp1(model_dir, tmp_path):
+    """vLLM's multi-node mode (multi-process executor, --nnodes 2) with both node ranks on
+    127.0.0.1, one TP rank each: greedy tokens equal TP=1's and every page returns. Node 1's
+    worker counts its madakv:* metrics in its own processes (no API server there), so node 0's
+    /metrics shows node 0's KV heads and the scheduler's page counts only."""
+    model = model_dir("qwen2vl")
+    policies = ("snapkv", "pyramidkv")
+    tp1, _, m1 = _run(model, 1, tmp_path / "tp1.log", policies)
+    multi = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+             "--distributed-executor-backend", "mp"]
+    with _headless_node(model, _args(2) + multi, tmp_path / "node1.log") as node1:
+        nodes, usage, m2 = _run(model, 2, tmp_path / "node0.log", policies, ["--node-rank", "0", *multi],
+                                env={"VLLM_CPU_OMP_THREADS_BIND": "0"})
+        assert node1.poll() is None, (tmp_path / "node1.log").read_text()[-2000:]
+    assert nodes == tp1
+    assert usage == 0
+    assert _total(m2, "madakv:kv_pages_freed_total") == _total(m1, "madakv:kv_pages_freed_total") > 0
