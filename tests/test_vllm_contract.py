@@ -298,3 +298,39 @@ def test_metrics_endpoint_reads_every_process_when_the_multiprocess_dir_is_set(m
     Counter("madakv:contract_probe", "probe", registry=CollectorRegistry()).inc(3)  # written to tmp_path
     samples = {s.name: s.value for m in get_prometheus_registry().collect() for s in m.samples}
     assert samples.get("madakv:contract_probe_total") == 3
+
+
+def _tiny_config(kind: str):
+    import transformers
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)
+    if kind == "jamba":  # attention + Mamba layers
+        return transformers.JambaConfig(**common, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                                        expert_layer_period=100, num_experts=1, mamba_d_state=8, mamba_dt_rank=8)
+    if kind == "whisper":  # encoder-decoder
+        return transformers.WhisperConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                          decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                          vocab_size=1000, max_source_positions=64, max_target_positions=64)
+    if kind == "gemma2":  # sliding-window layers
+        return transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=64)
+    if kind == "deepseek_v2":  # multi-head latent attention
+        return transformers.DeepseekV2Config(**common, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                                             first_k_dense_replace=2)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("jamba", "non-attention"), ("whisper", "encoder-decoder"), ("gemma2", "sliding-window"),
+    ("deepseek_v2", "latent attention"),
+])
+def test_models_per_head_eviction_cannot_serve_are_refused_at_startup(kind, reason, tmp_path):
+    """Only the config is needed: the refusal comes while vLLM builds its config, before any
+    weights load. Stock vLLM accepts the same configs."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    _tiny_config(kind).save_pretrained(tmp_path)
+    args = dict(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=64)
+    EngineArgs(**args).create_engine_config()
+    with pytest.raises(Exception, match=f"madakv cannot serve .*{reason}"):
+        EngineArgs(**args, attention_backend="madakv").create_engine_config()

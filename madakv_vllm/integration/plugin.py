@@ -116,9 +116,29 @@ V2_RUNNER_UNSUPPORTED = (
 DEFAULT_BLOCK_SIZE = 32
 
 
+def check_model(model_config) -> None:
+    """Per-head eviction is defined for decoder-only models whose every layer is full causal
+    attention over its own KV cache: refuse the others at startup, naming why."""
+    if model_config is None:
+        return
+    arch = model_config.architecture
+    why = None
+    if model_config.is_encoder_decoder:
+        why = "it is an encoder-decoder model (its cross-attention KV would not be evicted per head)"
+    elif model_config.is_attention_free or model_config.is_hybrid:
+        why = "it has non-attention (state-space or linear-attention) layers, whose state cannot be evicted per token"
+    elif model_config.use_mla:
+        why = "it uses multi-head latent attention (one latent KV shared by every head)"
+    elif model_config.get_sliding_window() is not None:
+        why = "it has sliding-window attention layers (their KV is already bounded, and dropped by position)"
+    if why:
+        raise ValueError(f"--attention-backend madakv cannot serve {arch}: {why}. Serve it without madakv.")
+
+
 def configure_engine(vllm_config) -> MadaKVConfig:
     """Startup checks when MADAKV is selected: fail early, naming the field."""
     cfg = config_from_vllm(vllm_config.additional_config)
+    check_model(vllm_config.model_config)
     cache = vllm_config.cache_config
     if cache.cache_dtype not in ("auto", None) and not str(cache.cache_dtype).startswith("auto"):
         raise ValueError(f"--attention-backend madakv needs an unquantized KV cache (got kv_cache_dtype={cache.cache_dtype})")
