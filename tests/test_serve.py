@@ -103,6 +103,19 @@ def test_metrics_count_what_the_page_contract_says(server):
     assert "vllm:kv_cache_usage_perc" in metrics(port)  # vLLM's own metrics are still there
 
 
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "data:,", "data:image/png,%89PNG%0D%0A"])
+def test_image_urls_vllm_answered_with_a_5xx_are_a_400(server, url):
+    """Stock vLLM 0.32: a file URL without --allowed-local-media-path is a 500, a data URL without
+    ;base64 a 501."""
+    import httpx
+
+    port, model, _ = server
+    body = {"model": model, "max_tokens": 4,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+
+
 def _stream_error(port, model, **kw):
     """A streamed chat whose request the engine rejects: HTTP 200, then an error event."""
     try:

@@ -17,6 +17,8 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``InputProcessor.process_inputs`` | submit them with the engine request, or roll them back when it is rejected |
 | ``OfflineInferenceMixin._render_and_add_requests`` | one rollback scope per offline ``LLM`` call |
 | ``vllm.entrypoints.launchers.app.init_entrypoints_middleware`` | one rollback scope per HTTP request (ASGI middleware) |
+| ``MediaConnector._load_data_url`` | RFC 2397 data URLs without ``;base64`` are decoded (vLLM 0.32 answers them with HTTP 501) |
+| ``MediaConnector._load_file_url`` | a file URL the server may not or cannot read is a 400 (vLLM 0.32: 500 without ``--allowed-local-media-path``) |
 | ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner.initialize_metadata_builders`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start) |
@@ -58,6 +60,8 @@ def install() -> None:
     _wrap("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", _process_inputs)
     _wrap("vllm.entrypoints.common.offline", "OfflineInferenceMixin._render_and_add_requests", _offline_scope)
     _wrap("vllm.entrypoints.launchers.app", "init_entrypoints_middleware", _entrypoints_middleware)
+    _wrap("vllm.multimodal.media.connector", "MediaConnector._load_data_url", _load_data_url)
+    _wrap("vllm.multimodal.media.connector", "MediaConnector._load_file_url", _load_file_url)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", _allocate_slots)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_metadata_builders",
@@ -222,6 +226,42 @@ def _entrypoints_middleware(orig):
         if plugin.is_madakv_name(getattr(args, "attention_backend", None)):
             app.add_middleware(mm_cache.RejectedRequestRollback)
         return result
+
+    return wrapper
+
+
+def _load_data_url(orig):
+    """A data URL without ``;base64`` carries percent-encoded bytes (RFC 2397). vLLM 0.32 raises
+    NotImplementedError for it, which its server answers with HTTP 501; decoding it makes a payload
+    that is no image a 400, like any other bad image."""
+    import urllib.parse
+
+    from madakv_vllm.integration import plugin
+
+    def wrapper(self, url, media_io, *args, **kwargs):
+        spec, sep, data = url[5:].partition(",")
+        if plugin.selected_in_this_process() and sep and spec.rpartition(";")[2] != "base64":
+            return media_io.load_bytes(urllib.parse.unquote_to_bytes(data))
+        return orig(self, url, media_io, *args, **kwargs)
+
+    return wrapper
+
+
+def _load_file_url(orig):
+    """vLLM 0.32 answers a file URL outside ``--allowed-local-media-path`` with HTTP 400 but,
+    without that flag, with a RuntimeError, hence HTTP 500; a missing or unreadable file is an
+    OSError, also a 500. All three are the client's error."""
+    from madakv_vllm.integration import plugin
+
+    def wrapper(self, url_spec, media_io, *args, **kwargs):
+        if not plugin.selected_in_this_process():
+            return orig(self, url_spec, media_io, *args, **kwargs)
+        if self.allowed_local_media_path is None:
+            raise ValueError("Cannot load local files without `--allowed-local-media-path`.")
+        try:
+            return orig(self, url_spec, media_io, *args, **kwargs)
+        except OSError as e:
+            raise ValueError(f"Cannot load the local file: {e}") from None
 
     return wrapper
 

@@ -135,8 +135,18 @@ def check_model(model_config) -> None:
         raise ValueError(f"--attention-backend madakv cannot serve {arch}: {why}. Serve it without madakv.")
 
 
+_selected_in_this_process = False
+
+
+def selected_in_this_process() -> bool:
+    """An engine config with MADAKV was built in this process (where a patched vLLM function has
+    no config at hand: the front end's media loading)."""
+    return _selected_in_this_process
+
+
 def configure_engine(vllm_config) -> MadaKVConfig:
     """Startup checks when MADAKV is selected: fail early, naming the field."""
+    global _selected_in_this_process
     cfg = config_from_vllm(vllm_config.additional_config)
     check_model(vllm_config.model_config)
     cache = vllm_config.cache_config
@@ -168,6 +178,7 @@ def configure_engine(vllm_config) -> MadaKVConfig:
     if spec is not None:
         raise ValueError("--attention-backend madakv does not support speculative decoding yet")
     logger.info("madakv: %s", cfg.model_dump())
+    _selected_in_this_process = True
     from madakv_vllm.integration import metrics
 
     metrics.export_from_engine_processes()
