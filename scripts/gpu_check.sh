@@ -11,7 +11,9 @@
 #      reference, every FA version the GPU supports x fp16/bf16 x block 16/32 x GQA 1/4/7 x head
 #      dim 64/128 x decode/mixed prefill
 #   3. engine: tests/test_cuda.py with MADAKV_EXPERIMENTAL_CUDA=1 -- full == stock FLASH_ATTN,
-#      madakv and snapkv at 0.2 with decode and re-compression (shadow check), V1 runner, pages return
+#      madakv and snapkv at 0.2 with decode and re-compression (shadow check), V1 runner, pages return;
+#      with 2+ GPUs and ray installed (MADAKV_EXTRAS=cuda,test,bench,distributed), also TP=2 over
+#      --distributed-executor-backend ray == TP=1 (tests/test_tensor_parallel.py, skipped otherwise)
 #   4. numbers: a short decode comparison (scripts/bench_decode.py) and the KV pages a request holds
 #      after compression vs stock (scripts/bench_capacity.py --memory-only), both against stock vLLM
 # Budget: under 8 minutes on one H100/H200-class GPU with a warm pip cache (step 1 dominates).
@@ -43,7 +45,8 @@ say "2/4 per-head FlashAttention vs dense reference"
 if "$PY" scripts/gpu_kernel_check.py; then say "    kernel: ok"; else say "    kernel: FAILED"; status=1; fi
 
 say "3/4 tests/test_cuda.py on the GPU"
-if "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs; then say "    engine: ok"; else say "    engine: FAILED"; status=1; fi
+if "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+     tests/test_tensor_parallel.py::test_tp2_over_ray_on_cuda_matches_tp1 -rs; then say "    engine: ok"; else say "    engine: FAILED"; status=1; fi
 
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
   say "4/4 decode and memory vs stock (numbers, not a verdict)"

@@ -108,3 +108,32 @@ def test_two_node_ranks_on_localhost_match_tp1(model_dir, tmp_path):
     assert nodes == tp1
     assert usage == 0
     assert _total(m2, "madakv:kv_pages_freed_total") == _total(m1, "madakv:kv_pages_freed_total") > 0
+
+
+def _ray_on_cuda_reason() -> str | None:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return "needs 2 NVIDIA GPUs (vLLM's CPU platform does not support Ray, for stock vLLM too)"
+    if importlib.util.find_spec("ray") is None:
+        return "needs ray (pip install madakv-vllm[distributed])"
+    if os.environ.get("MADAKV_EXPERIMENTAL_CUDA") != "1":
+        return "the CUDA path is opt-in: MADAKV_EXPERIMENTAL_CUDA=1 (scripts/gpu_check.sh sets it)"
+    return None
+
+
+_RAY_REASON = _ray_on_cuda_reason()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_RAY_REASON is not None, reason=_RAY_REASON or "")
+def test_tp2_over_ray_on_cuda_matches_tp1(model_dir, tmp_path):
+    """On CUDA, where vLLM supports Ray: --distributed-executor-backend ray at TP=2 gives TP=1's
+    greedy tokens for the policies whose heads are independent, and every page returns."""
+    model = model_dir("qwen2vl")
+    tp1, _, m1 = _run(model, 1, tmp_path / "tp1.log", INDEPENDENT)
+    tp2, usage, m2 = _run(model, 2, tmp_path / "tp2.log", INDEPENDENT, ["--distributed-executor-backend", "ray"])
+    assert tp2 == tp1 and usage == 0
+    assert _total(m2, "madakv:kv_pages_freed_total") == _total(m1, "madakv:kv_pages_freed_total") > 0

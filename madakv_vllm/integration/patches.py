@@ -223,7 +223,8 @@ def _entrypoints_middleware(orig):
 
     def wrapper(args, app, supported_tasks, *rest, **kwargs):
         result = orig(args, app, supported_tasks, *rest, **kwargs)
-        if plugin.is_madakv_name(getattr(args, "attention_backend", None)):
+        # configure_engine ran in this process before the app is built; the flag is the fallback
+        if plugin.selected_in_this_process() or plugin.is_madakv_name(getattr(args, "attention_backend", None)):
             app.add_middleware(mm_cache.RejectedRequestRollback)
         return result
 
