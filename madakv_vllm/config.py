@@ -55,6 +55,10 @@ class MadaKVConfig(BaseModel):
     hcc_max_scale: float = Field(
         1.5, ge=1.0, description="HCC streamed: a layer keeps at most this multiple of its fair share phi (inf: uncapped)"
     )
+    hcc_min_scale: float = Field(
+        0.0, ge=0.0, le=1.0, description="HCC streamed: every layer keeps at least this fraction of the uniform "
+        "share H*B, so early layers cannot starve later ones below it (0: no floor; 1: uniform layers)"
+    )
     # Default 32: a long generation stays within budget + 32 tokens per head (bounded memory by
     # default); with 0 every generated token is kept, which cost ~10% capacity in bench_capacity.
     recompress_interval: int = Field(

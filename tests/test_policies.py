@@ -398,6 +398,7 @@ def scenarios(draw, policy=None):
         mpa=draw(st.booleans()),
         hcc=draw(st.booleans()),
         hcc_mode=draw(st.sampled_from(["streamed", "global", "layer"])),
+        hcc_min_scale=draw(st.sampled_from([0.0, 0.0, 0.5, 1.0])),
         pyramid_beta=draw(st.floats(0.5, 30.0)),
         adakv_alpha=draw(st.floats(0.0, 1.0)),
         h2o_recent_ratio=draw(st.floats(0.0, 1.0)),
@@ -465,6 +466,10 @@ def test_hcc_budget_feasible_layer_by_layer_and_demand_kept(scenario):
         left = big_l - l - 1
         lo, hi = max(h * fl, remaining - left * h * n), min(h * n, remaining - left * h * fl)
         hi = max(lo, min(hi, int(cfg.hcc_max_scale * h * remaining / (h * (big_l - l)))))  # the greedy-layer cap
+        if cfg.hcc_min_scale > 0:  # every layer's floor, reserved for the later ones too
+            reserve = min(int(cfg.hcc_min_scale * h * state.budget), h * n)
+            lo = max(lo, min(reserve, hi))
+            hi = max(lo, min(hi, remaining - left * reserve))
         assert state.phi[l] == pytest.approx(remaining / (h * (big_l - l)))
         assert lo <= int(counts.sum()) <= hi
         assert ((counts >= fl) & (counts <= n)).all()
@@ -739,6 +744,29 @@ def test_hcc_max_scale_caps_greedy_early_layers():
             for layer in range(L - 1):
                 assert counts[layer] <= max(H * 32, int(scale * H * float(st.phi[layer]))) + 0
     assert totals[float("inf")][0] > totals[2.0][0]
+
+
+def test_hcc_min_scale_bounds_how_far_early_layers_starve_later_ones():
+    """Diffuse image attention: each head's demand (theta of every modality's mass) exceeds the
+    budget, so streamed HCC gives the early layers up to max_scale x their share and the last
+    layers what is left; min_scale s keeps every layer at >= s x H*B, and the total stays exact."""
+    from madakv_vllm.config import MadaKVConfig
+
+    torch.manual_seed(0)
+    L, H, G, N, D, B = 6, 2, 2, 400, 16, 160
+    k = [torch.randn(H, N, D) * 0.1 for _ in range(L)]
+    q = [torch.randn(H * G, 32, D) * 0.1 for _ in range(L)]
+    mod = torch.zeros(N, dtype=torch.long)
+    mod[100:300] = 1
+    last = {}
+    for floor in (0.0, 0.75):
+        policy = make_policy(MadaKVConfig(hcc_min_scale=floor, hcc_mode="streamed"))
+        policy.select_all(q, k, mod, B)
+        counts = policy.last_state.kept_counts.sum(1)
+        assert int(counts.sum()) == L * H * B
+        assert all(int(c) >= int(floor * H * B) for c in counts), counts
+        last[floor] = int(counts[-1])
+    assert last[0.0] < 0.75 * H * B <= last[0.75]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ class MadaKVPolicy(Policy):
     L*H*B in total, each between floor and N; ``hcc_mode`` says how (docs/method.md):
 
     * ``streamed``: layer by layer, each head keeps its clipped demand; the layer total is clamped so
-      the remaining layers stay feasible and to ``max_scale`` times its fair share; the last layer
-      takes the rest (only layers <= l are known when layer l selects).
+      the remaining layers stay feasible, to at most ``max_scale`` times its fair share of what
+      remains, and so that every layer keeps at least ``min_scale`` times the uniform share H*B;
+      the last layer takes the rest (only layers <= l are known when layer l selects).
     * ``global``: all layers scored first; L*H*B split over every (layer, head) in proportion to
       its demand, within [floor, N].
     * ``layer``: all layers scored first; L*H*B split over layers in proportion to each layer's
@@ -35,6 +36,7 @@ class MadaKVPolicy(Policy):
     theta: float = 0.9
     min_per_head: int | None = None  # None -> window
     max_scale: float = float("inf")  # streamed: cap on a layer's total, in multiples of H * phi[l]
+    min_scale: float = 0.0  # streamed: floor on every layer's total, in multiples of H * B
     hcc_mode: str = "streamed"
 
     def content_group(self, modality):
@@ -97,18 +99,20 @@ class MadaKVPolicy(Policy):
         if state.planned_counts is not None:
             counts = state.planned_counts[layer]
         else:
-            counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale)
+            counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale, self.min_scale)
         quota[:, :groups] = torch.where(
             (counts == raw)[:, None], demand, self._split(state, counts - f, mass)
         )
         return quota
 
     @staticmethod
-    def _layer_counts(state: CompressionState, layer: int, want: torch.Tensor, max_scale: float = float("inf")) -> torch.Tensor:
+    def _layer_counts(state: CompressionState, layer: int, want: torch.Tensor, max_scale: float = float("inf"),
+                      min_scale: float = 0.0) -> torch.Tensor:
         """Per-head counts of this layer: ``want`` unless the layer total must move to keep the
-        remaining budget feasible (each later layer in [H*floor, H*N]) or exceeds ``max_scale`` times
-        the layer's fair share H*phi[l] (greedy early layers would starve the later ones); then
-        scaled by largest remainder."""
+        remaining budget feasible (each later layer in [H*floor, H*N]), exceeds ``max_scale`` times
+        the layer's fair share H*phi[l] (greedy early layers would starve the later ones), or would
+        leave a later layer less than ``min_scale`` times the uniform share H*B (or keep less
+        itself); then scaled by largest remainder."""
         h, n, fl, big_l = state.num_kv_heads, state.seq_len, state.floor, state.num_layers
         left = state.num_layers - layer - 1
         rem = state.remaining
@@ -117,6 +121,10 @@ class MadaKVPolicy(Policy):
         hi = min(h * n, rem - left * h * fl)
         if max_scale != float("inf"):
             hi = max(lo, min(hi, int(max_scale * h * float(state.phi[layer]))))
+        if min_scale > 0:
+            reserve = min(int(min_scale * h * state.budget), h * n)  # every layer's floor
+            lo = max(lo, min(reserve, hi))
+            hi = max(lo, min(hi, rem - left * reserve))
         asked = int(want.sum())
         total = min(max(asked, lo), hi)
         if total < asked:  # shrink each head's demand above the floor proportionally
