@@ -21,7 +21,7 @@
 #   5. request  POST /v1/chat/completions (images as base64 PNG data URLs), twice: policy `full`
 #               (HTTP 200, the expected answer) and the server default, madakv @ 0.2 (HTTP 200,
 #               a non-empty answer, and a "madakv compressed" line in the container's log);
-#               GET /metrics (HTTP 200, vLLM's KV-cache gauge present).
+#               GET /metrics (HTTP 200, vLLM's KV-cache gauge and madakv:kv_pages_freed_total > 0).
 #   6. cleanup  stop and remove the container (also on failure, unless --keep).
 #
 # Environment knobs:
@@ -284,6 +284,9 @@ gauge = [l for l in text.splitlines() if l.startswith("vllm:kv_cache_usage_perc"
 assert status == 200 and gauge, f"/metrics: HTTP {status}, no vllm:kv_cache_usage_perc"
 done = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("vllm:request_success_total"))
 print(f"    /metrics: HTTP 200, {len(text.splitlines())} lines, {gauge[0]}, vllm:request_success_total {done:g}")
+freed = [l for l in text.splitlines() if l.startswith("madakv:kv_pages_freed_total")]
+assert freed and float(freed[0].rsplit(" ", 1)[1]) > 0, "/metrics: no madakv:kv_pages_freed_total > 0"
+print(f"    /metrics: {freed[0]} (counted in the engine core)")
 EOF
 COMPRESSED="$(podman logs "$CONTAINER" 2>&1 | grep 'madakv compressed request=' | tail -1 || true)"
 [ -n "$COMPRESSED" ] || die "no 'madakv compressed' line in the container's log"
