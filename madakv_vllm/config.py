@@ -48,9 +48,10 @@ class MadaKVConfig(BaseModel):
     min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
     mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
     hcc: bool = Field(True, description="MadaKV: hierarchical compression compensation on/off (ablation)")
-    hcc_mode: Literal["streamed", "global", "layer"] = Field(
+    hcc_mode: Literal["streamed", "global", "layer", "pyramid", "pyramid_uniform"] = Field(
         "streamed", description="HCC: how demand moves budget (streamed layer by layer, or over all layers "
-        "at once: per (layer, head) 'global', per layer 'layer'); docs/method.md"
+        "at once: per (layer, head) 'global', per layer 'layer'; 'pyramid'/'pyramid_uniform': PyramidKV's "
+        "layer schedule, heads by demand/evenly, not the paper's reading); docs/method.md"
     )
     hcc_max_scale: float = Field(
         1.5, ge=1.0, description="HCC streamed: a layer keeps at most this multiple of its fair share phi (inf: uncapped)"

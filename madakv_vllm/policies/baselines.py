@@ -51,30 +51,36 @@ class PyramidKVPolicy(Policy):
     beta: float = 20.0
 
     def init_state(self, state):
-        big_l, f, g = state.num_layers, state.num_forced, state.granule
-        extra = state.budget - f
-        if big_l == 1 or state.seq_len < 2 * extra:
-            # As PyramidKV (KVCache-Factory PyramidKVCluster): a prompt shorter than twice the
-            # non-window budget gets SnapKV's uniform budget (the pyramid would not fit under N).
-            sched = torch.full((big_l,), float(extra), dtype=torch.float64)
-        else:
-            lo = extra / self.beta
-            hi = 2 * extra - lo
-            sched = hi - (hi - lo) * torch.arange(big_l, dtype=torch.float64) / (big_l - 1)
-        if g > 1:  # the same schedule in whole granules: r + g * [ceil((F-r)/g), (N-r) // g] per layer
-            r = state.offset
-            low, high = -(-max(f - r, 0) // g), (state.seq_len - r) // g
-            alloc = apportion(big_l * ((state.budget - r) // g - low), sched, torch.full((big_l,), high - low))
-            state.layer_budget = r + (alloc + low) * g
-        else:
-            alloc = apportion(big_l * extra, sched, torch.full((big_l,), state.seq_len - f))
-            state.layer_budget = alloc + f
+        state.layer_budget = pyramid_layer_budgets(state, self.beta)
         state.phi = state.layer_budget.double()
 
     def quotas(self, state, layer, ranking):
         quota = self._empty_quota(state)
         quota[:, 0] = int(state.layer_budget[layer]) - state.num_forced
         return quota
+
+
+def pyramid_layer_budgets(state, beta: float) -> torch.Tensor:
+    """PyramidKV's per-(layer, head) budgets [L]: the non-forced part E = B - F falls linearly from
+    2E - E/beta (layer 0) to E/beta (last layer), summing to L*B exactly, each in [F, N] (in whole
+    granules when page-aligned); uniform when N < 2E, as the reference."""
+    big_l, f, g = state.num_layers, state.num_forced, state.granule
+    extra = state.budget - f
+    if big_l == 1 or state.seq_len < 2 * extra:
+        # As PyramidKV (KVCache-Factory PyramidKVCluster): a prompt shorter than twice the
+        # non-window budget gets SnapKV's uniform budget (the pyramid would not fit under N).
+        sched = torch.full((big_l,), float(extra), dtype=torch.float64)
+    else:
+        lo = extra / beta
+        hi = 2 * extra - lo
+        sched = hi - (hi - lo) * torch.arange(big_l, dtype=torch.float64) / (big_l - 1)
+    if g > 1:  # the same schedule in whole granules: r + g * [ceil((F-r)/g), (N-r) // g] per layer
+        r = state.offset
+        low, high = -(-max(f - r, 0) // g), (state.seq_len - r) // g
+        alloc = apportion(big_l * ((state.budget - r) // g - low), sched, torch.full((big_l,), high - low))
+        return r + (alloc + low) * g
+    alloc = apportion(big_l * extra, sched, torch.full((big_l,), state.seq_len - f))
+    return alloc + f
 
 
 @dataclass

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from madakv_vllm.config import NUM_MODALITIES
+from madakv_vllm.policies.baselines import pyramid_layer_budgets
 from madakv_vllm.policies.core import CompressionState, Policy, Ranking, apportion
 
 
@@ -27,6 +28,9 @@ class MadaKVPolicy(Policy):
       its demand, within [floor, N].
     * ``layer``: all layers scored first; L*H*B split over layers in proportion to each layer's
       total demand, then evenly over the layer's heads (the paper's phi[l] is per layer).
+    * ``pyramid`` / ``pyramid_uniform``: not the paper's reading: layer totals follow PyramidKV's
+      schedule (falling linearly with depth, ``pyramid_beta``), then split over the layer's heads
+      by demand / evenly.
 
     A head whose count equals its raw demand keeps its demand per modality; otherwise MPA's split
     decides. With mpa off everything is one group; with both off this is SnapKV."""
@@ -38,6 +42,7 @@ class MadaKVPolicy(Policy):
     max_scale: float = float("inf")  # streamed: cap on a layer's total, in multiples of H * phi[l]
     min_scale: float = 0.0  # streamed: floor on every layer's total, in multiples of H * B
     hcc_mode: str = "streamed"
+    pyramid_beta: float = 20.0  # pyramid readings: PyramidKV's schedule parameter
 
     def content_group(self, modality):
         return modality.clone() if self.mpa else torch.zeros_like(modality)
@@ -81,6 +86,12 @@ class MadaKVPolicy(Policy):
         elif self.hcc_mode == "layer":
             per_layer = apportion(total, demand.sum(1), torch.full((big_l,), h * (hi - lo)))
             units = apportion(per_layer, torch.ones(big_l, h, dtype=torch.float64), torch.full((big_l, h), hi - lo))
+        elif self.hcc_mode in ("pyramid", "pyramid_uniform"):
+            # PyramidKV's per-head layer budgets above the floor, as weights of the exact total
+            above = (pyramid_layer_budgets(state, self.pyramid_beta) - (r + g * lo)).clamp_min(0).double()
+            per_layer = apportion(total, above, torch.full((big_l,), h * (hi - lo)))
+            weight = demand if self.hcc_mode == "pyramid" else torch.ones(big_l, h, dtype=torch.float64)
+            units = apportion(per_layer, weight, torch.full((big_l, h), hi - lo))
         else:
             raise ValueError(f"unknown hcc_mode {self.hcc_mode!r}")
         state.planned_counts = r + g * (lo + units)
