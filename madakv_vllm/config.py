@@ -48,8 +48,9 @@ class MadaKVConfig(BaseModel):
     min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
     mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
     hcc: bool = Field(True, description="MadaKV: hierarchical compression compensation on/off (ablation)")
+    # pyramid_uniform: chosen on the dev splits of both proxies (docs/results.md, "Round 4")
     hcc_mode: Literal["streamed", "global", "layer", "pyramid", "pyramid_uniform"] = Field(
-        "streamed", description="HCC: how demand moves budget (streamed layer by layer, or over all layers "
+        "pyramid_uniform", description="HCC: how demand moves budget (streamed layer by layer, or over all layers "
         "at once: per (layer, head) 'global', per layer 'layer'; 'pyramid'/'pyramid_uniform': PyramidKV's "
         "layer schedule, heads by demand/evenly, not the paper's reading); docs/method.md"
     )

@@ -41,7 +41,7 @@ class MadaKVPolicy(Policy):
     min_per_head: int | None = None  # None -> window
     max_scale: float = float("inf")  # streamed: cap on a layer's total, in multiples of H * phi[l]
     min_scale: float = 0.0  # streamed: floor on every layer's total, in multiples of H * B
-    hcc_mode: str = "streamed"
+    hcc_mode: str = "pyramid_uniform"  # as config.MadaKVConfig
     pyramid_beta: float = 20.0  # pyramid readings: PyramidKV's schedule parameter
 
     def content_group(self, modality):
