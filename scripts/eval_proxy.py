@@ -115,6 +115,11 @@ def parse_args(argv=None):
     p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
                    help="only print markdown tables (exact match per policy x budget, paired intervals) of "
                         "earlier --out files; runs no model")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="combine earlier --out files of the same prompts (same model, split, seed, prompts per "
+                        "task; the full cache's answers must match exactly) into --out, with paired intervals "
+                        "against --reference across them; the first file wins a policy@budget that repeats (a "
+                        "policy whose defaults changed between runs); runs no model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=40.0, help="stop starting new configs after this")
     p.add_argument("--out", type=Path, default=REPO / "models" / "proxy-eval.json")
@@ -362,8 +367,41 @@ def markdown_report(report: dict) -> str:
     return head + "\n\n" + "\n".join(rows)
 
 
+def merge_runs(args) -> dict:
+    """One report from runs over the same prompts (checked), so that a policy run later pairs with
+    the ones run before."""
+    runs = [json.loads(path.read_text()) for path in args.merge]
+    first = runs[0]
+    for path, run in zip(args.merge[1:], runs[1:]):
+        for key in ("model", "split", "seed", "tasks", "n_per_task", "images"):
+            if run[key] != first[key]:
+                sys.exit(f"{path}: {key} {run[key]!r} differs from {args.merge[0]}'s {first[key]!r}")
+        if run["table"]["full@None"]["acc_per_sample"] != first["table"]["full@None"]["acc_per_sample"]:
+            sys.exit(f"{path}: the full cache answered differently: not the same prompts or model")
+    table, variants = {}, {}
+    for path, run in zip(args.merge, runs):
+        variants.update(run.get("variants") or {})
+        for key, row in run["table"].items():
+            if key in table and table[key]["acc_per_sample"] != row["acc_per_sample"]:
+                print(f"{path}: {key} answered differently than in an earlier file (kept the earlier one)")
+            table.setdefault(key, row)
+    samples = pt.make_dataset(tuple(first["tasks"]), first["n_per_task"], tuple(first["images"]),
+                              split=first["split"], base_seed=first["seed"])
+    budgets = sorted({b for run in runs for b in run["budgets"]}, reverse=True)
+    policies = list(dict.fromkeys(p for run in runs for p in run["policies"]))
+    return {**first, "variants": variants, "budgets": budgets, "policies": policies, "merged_from": [str(p) for p in args.merge],
+            "table": table, "paired": paired_intervals(samples, table, args.reference, args.bootstrap)}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        report = merge_runs(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(markdown_report(report))
+        print(f"\nwrote {args.out}")
+        return
     if args.report:
         for path in args.report:
             print(f"### {path}\n\n" + markdown_report(json.loads(path.read_text())) + "\n")

@@ -87,11 +87,20 @@ class MadaKVPolicy(Policy):
             per_layer = apportion(total, demand.sum(1), torch.full((big_l,), h * (hi - lo)))
             units = apportion(per_layer, torch.ones(big_l, h, dtype=torch.float64), torch.full((big_l, h), hi - lo))
         elif self.hcc_mode in ("pyramid", "pyramid_uniform"):
-            # PyramidKV's per-head layer budgets above the floor, as weights of the exact total
-            above = (pyramid_layer_budgets(state, self.pyramid_beta) - (r + g * lo)).clamp_min(0).double()
-            per_layer = apportion(total, above, torch.full((big_l,), h * (hi - lo)))
-            weight = demand if self.hcc_mode == "pyramid" else torch.ones(big_l, h, dtype=torch.float64)
-            units = apportion(per_layer, weight, torch.full((big_l, h), hi - lo))
+            # PyramidKV's budget per head of each layer (sums to L*B): the same whatever the number
+            # of heads, so a tensor-parallel rank keeps what it would keep at TP=1
+            per_head = (pyramid_layer_budgets(state, self.pyramid_beta) - r) // g - lo
+            if (per_head < 0).any():  # a floor above the forced tokens: the schedule as weights
+                per_head = None
+                above = (pyramid_layer_budgets(state, self.pyramid_beta) - (r + g * lo)).clamp_min(0).double()
+                per_layer = apportion(total, above, torch.full((big_l,), h * (hi - lo)))
+            else:
+                per_layer = h * per_head
+            if self.hcc_mode == "pyramid_uniform" and per_head is not None:
+                units = per_head[:, None].expand(big_l, h).clone()
+            else:
+                weight = demand if self.hcc_mode == "pyramid" else torch.ones(big_l, h, dtype=torch.float64)
+                units = apportion(per_layer, weight, torch.full((big_l, h), hi - lo))
         else:
             raise ValueError(f"unknown hcc_mode {self.hcc_mode!r}")
         state.planned_counts = r + g * (lo + units)
