@@ -4,7 +4,6 @@ each compressing its own KV heads, against the same requests at TP=1."""
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from madakv_eval.serve import chat_with_image, free_port, labelled_metrics, metrics, serve
+from madakv_eval.serve import chat_with_image, free_port, labelled_metrics, metrics, serve, stop
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +43,7 @@ def _headless_node(model, args: list[str], log: Path):
         try:
             yield proc
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop(proc)
 
 
 def _run(model, tp: int, log, policies=None, extra=(), env=None):

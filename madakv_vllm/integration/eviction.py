@@ -235,13 +235,12 @@ class WorkerKV:
         t0 = time.perf_counter()
         rs, c, bs, L, H = ev.req, self.cache, self.bs, self.num_layers, self.H
         if ev.kind is EventKind.PROMPT:
-            before = torch.bincount(rs.modality(ev.length).long(), minlength=len(MODALITY_NAMES)) * (L * H)
+            all_mods = rs.modality(ev.length)
+            before = torch.bincount(all_mods.long(), minlength=len(MODALITY_NAMES)) * (L * H)
         else:
             before = entries_by_modality(rs.entry_modality, rs.lens)
         counts = torch.tensor([[len(ev.kept[l][h]) for h in range(H)] for l in range(L)], dtype=torch.long)
         src_slots, mods, poss = [], [], []
-        if ev.kind is EventKind.PROMPT:
-            all_mods = rs.modality(ev.length)
         for l in range(L):
             for h in range(H):
                 idx = ev.kept[l][h]

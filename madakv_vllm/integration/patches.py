@@ -158,27 +158,27 @@ def _validate_params(orig):
     return wrapper
 
 
-def _process_tokens(orig):
+def _note_rendered(renderer, engine_input, skip_mm_cache: bool) -> None:
     from madakv_vllm.integration import mm_cache, plugin
 
+    scope = mm_cache.current()
+    if scope is not None and plugin.selected_in(renderer.config):
+        scope.note(renderer, engine_input, skip_mm_cache)
+
+
+def _process_tokens(orig):
     def wrapper(self, prompt, *args, skip_mm_cache: bool = False, **kwargs):
         engine_input = orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs)
-        scope = mm_cache.current()
-        if scope is not None and plugin.selected_in(self.config):
-            scope.note(self, engine_input, skip_mm_cache)
+        _note_rendered(self, engine_input, skip_mm_cache)
         return engine_input
 
     return wrapper
 
 
 def _process_tokens_async(orig):
-    from madakv_vllm.integration import mm_cache, plugin
-
     async def wrapper(self, prompt, *args, skip_mm_cache: bool = False, **kwargs):
         engine_input = await orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs)
-        scope = mm_cache.current()
-        if scope is not None and plugin.selected_in(self.config):
-            scope.note(self, engine_input, skip_mm_cache)
+        _note_rendered(self, engine_input, skip_mm_cache)
         return engine_input
 
     return wrapper

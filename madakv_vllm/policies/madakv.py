@@ -91,9 +91,8 @@ class MadaKVPolicy(Policy):
             # of heads, so a tensor-parallel rank keeps what it would keep at TP=1
             per_head = (pyramid_layer_budgets(state, self.pyramid_beta) - r) // g - lo
             if (per_head < 0).any():  # a floor above the forced tokens: the schedule as weights
+                per_layer = apportion(total, per_head.clamp_min(0).double(), torch.full((big_l,), h * (hi - lo)))
                 per_head = None
-                above = (pyramid_layer_budgets(state, self.pyramid_beta) - (r + g * lo)).clamp_min(0).double()
-                per_layer = apportion(total, above, torch.full((big_l,), h * (hi - lo)))
             else:
                 per_layer = h * per_head
             if self.hcc_mode == "pyramid_uniform" and per_head is not None:
