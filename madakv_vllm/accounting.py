@@ -3,9 +3,10 @@
 exchanging messages, so everything here is a pure function of the request's
 compression length, its effective config and the block size.
 
-Layout: after a compression event at logical length T, a request keeps logical
-blocks [0, P) plus every block from floor(T / bs) on (the partly filled tail and
-all later decode blocks); blocks [P, floor(T / bs)) go back to vLLM's pool.
+Layout: after a compression event at logical length T, a request keeps P logical
+blocks (``CompressionPlan.kept_blocks``, [0, P) unless it was compressed during
+prefill, below) plus every block from floor(T / bs) on (the partly filled tail and
+all later decode blocks); the other blocks before floor(T / bs) go back to vLLM's pool.
 All (layer, KV head) sequences are packed, across layers, into the sub-blocks of
 the kept pages (a page of one layer holds one bs-token sub-block per KV head), so
 the P pages hold L*H*P sub-blocks.
@@ -24,10 +25,22 @@ never below the window (+ sinks): after compression a request holds at most
 Without alignment, per-head counts are arbitrary: rounding each of the L*H sequences
 up to whole sub-blocks wastes less than L*H sub-blocks, i.e. less than one page,
 hence P = ceil(B / bs) + 1 next to the tail.
+
+Eviction during chunked prefill (``prefill_eviction: chunked``): a request is also
+compressed when a prefill chunk ends at T before the prompt does, if that frees a
+page, to the budget of the T tokens seen so far (``next_plan``). A chunk of c tokens
+appended to a head's r' + j*bs entries makes r + (j + d)*bs, with r = T mod bs and d
+the pages the tail moved, so every count keeps the page-aligned form. The candidates
+are the kept blocks, then the blocks from the previous tail page to the new one; the
+first P of them are kept, so kept blocks need not be a prefix. A request then holds
+about its budget plus one chunk while it prefills (``peak_pages``), which is what
+admission reserves for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 
@@ -41,13 +54,27 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class EventKind(enum.Enum):
+    """Why a request is compressed at a length (both sides derive it, :meth:`RequestPlan.advance`)."""
+
+    CHUNK = "chunk"  # a prefill chunk ended before the prompt did ("chunked" mode)
+    PROMPT = "prompt"  # the prompt is fully computed
+    RECOMPRESS = "recompress"  # recompress_interval tokens generated since the last compression
+
+
 @dataclass(frozen=True)
 class CompressionPlan:
-    comp_len: int  # C: logical length when the prompt's compression ran
+    comp_len: int  # C: logical length when this compression ran
     budget: int  # B: average retained entries per (layer, KV head)
-    keep_pages: int  # P: pages [0, P) kept for the packed prefix
+    keep_pages: int  # P: pages that hold the packed entries (``kept_blocks``), besides the tail
     interval: int  # re-compress every `interval` generated tokens (0: never)
     granule: int = 1  # page-aligned: every (layer, head) count is offset + a multiple of this (bs)
+    # Logical blocks of the packed entries; None: the first P, [0, P). A request compressed after
+    # earlier prefill chunks keeps the blocks it already kept plus the first new ones.
+    kept: tuple[int, ...] | None = None
+
+    def kept_blocks(self) -> tuple[int, ...]:
+        return self.kept if self.kept is not None else tuple(range(self.keep_pages))
 
     def event_len(self, length: int) -> int:
         """Logical length T of the latest compression event at or before ``length``."""
@@ -59,36 +86,97 @@ class CompressionPlan:
         """Entries per (layer, head) that live in the tail page after an event at ``length``."""
         return length % self.granule
 
-    def freed_range(self, event_len: int, block_size: int) -> tuple[int, int]:
-        """Logical block range [first, last) that is freed after an event at ``event_len``."""
-        tail = event_len // block_size
-        return min(self.keep_pages, tail), tail
-
     def owned_blocks(self, event_len: int, num_blocks: int, block_size: int) -> list[int]:
-        """Indices (into the request's block list) of the blocks the request still owns."""
-        first, tail = self.freed_range(event_len, block_size)
-        return list(range(first)) + list(range(tail, num_blocks))
+        """Indices (into the request's block list) of the blocks the request still owns after an
+        event at ``event_len``: the kept blocks, and every block from the tail page on."""
+        tail = event_len // block_size
+        return [b for b in self.kept_blocks() if b < tail] + list(range(tail, num_blocks))
+
+    def freed_runs(self, event_len: int, block_size: int) -> list[tuple[int, int]]:
+        """Logical block ranges [first, last) freed after an event at ``event_len``: every block
+        before the tail page that is not kept, as maximal runs."""
+        tail = event_len // block_size
+        runs, start = [], 0
+        for b in sorted(b for b in self.kept_blocks() if b < tail):
+            if b > start:
+                runs.append((start, b))
+            start = b + 1
+        if start < tail:
+            runs.append((start, tail))
+        return runs
 
 
 @dataclass(kw_only=True)
 class RequestPlan:
     """What the scheduler and the workers both know of one request. Each side calls
-    :meth:`prompt_done` with the request's computed length every step; the plan is decided once,
-    in the step that completes the prompt, identically on both sides."""
+    :meth:`advance` with the request's computed length every step (the workers in the step that
+    reaches it, the scheduler when it next schedules the request): the same lengths in the same
+    order, hence the same events and plans, without a message."""
 
     cfg: MadaKVConfig
     num_prompt_tokens: int
-    decided: bool = False
-    plan: CompressionPlan | None = None  # None: nothing is evicted
+    decided: bool = False  # the prompt is fully computed (its plan is final)
+    plan: CompressionPlan | None = None  # the latest compression's plan; None: nothing evicted yet
+    event_len: int = 0  # logical length of the latest compression event
+    seen: int = 0  # the largest length given to advance()
 
-    def prompt_done(self, length: int, block_size: int) -> bool:
-        """True exactly once: when ``length`` first reaches the prompt (the prompt's compression
-        runs at that length); decides :attr:`plan` then."""
-        if self.decided or length < self.num_prompt_tokens:
-            return False
-        self.decided = True
-        self.plan = plan_compression(self.cfg, length, block_size)
-        return True
+    def advance(self, length: int, block_size: int) -> EventKind | None:
+        """The compression event at ``length``, if any; updates :attr:`plan` then. Idempotent for a
+        length already seen."""
+        if length <= self.seen:
+            return None
+        self.seen = length
+        if self.decided:
+            if self.plan is None or self.plan.event_len(length) <= self.event_len:
+                return None
+            self.event_len = self.plan.event_len(length)
+            return EventKind.RECOMPRESS
+        final = length >= self.num_prompt_tokens
+        if not final and not self.cfg.chunked:
+            return None
+        self.decided = final
+        nxt = next_plan(self.cfg, length, block_size, self.plan, final)
+        if nxt is None:
+            return None
+        self.plan, self.event_len = nxt, length
+        return EventKind.PROMPT if final else EventKind.CHUNK
+
+
+def next_plan(cfg: MadaKVConfig, length: int, block_size: int, prev: CompressionPlan | None,
+              final: bool) -> CompressionPlan | None:
+    """The plan of a compression at ``length`` after ``prev`` (None: not compressed yet), or None
+    when there is none: nothing to evict, or (before the prompt's end) no page would be freed.
+
+    A compressed request owns its kept blocks and every block from its tail page on; at the next
+    event its candidates are those kept blocks then the blocks up to the new tail page, and it keeps
+    the first P of them, P the pages of the budget at ``length`` (at most all candidates)."""
+    target = plan_compression(cfg, length, block_size)
+    interval = cfg.recompress_interval if final else 0
+    if prev is None:
+        return None if target is None else dataclasses.replace(target, interval=interval)
+    tail_prev, tail = prev.comp_len // block_size, length // block_size
+    candidates = prev.kept_blocks() + tuple(range(tail_prev, tail))
+    pages = len(candidates) if target is None else min(target.keep_pages, len(candidates))
+    if not final and pages == len(candidates):
+        return None
+    return CompressionPlan(length, pages * block_size + length % block_size, pages, interval, block_size,
+                           kept=candidates[:pages])
+
+
+def peak_pages(cfg: MadaKVConfig, num_tokens: int, new_tokens: int, block_size: int, max_chunk: int) -> int:
+    """Most pages a request of ``num_tokens`` (then ``new_tokens`` generated) holds at once in
+    "chunked" mode, prefilled in chunks of at most ``max_chunk`` tokens: its budget's pages, its tail
+    page and one of rounding slack (or the uncompressed ``min_prompt_len`` prefix), plus one chunk or
+    the tokens generated between re-compressions, whichever is more. Never more than stock's."""
+    stock = cdiv(num_tokens + new_tokens, block_size)
+    plan = plan_compression(cfg, num_tokens, block_size)
+    if not cfg.chunked or plan is None:
+        return stock
+    # +2: the tail page, and page-aligned budgets of shorter lengths may round one page above this one's
+    held = max(plan.keep_pages + 2, cdiv(cfg.min_prompt_len, block_size) + 1)
+    decode = cfg.recompress_interval if cfg.recompress_interval > 0 else new_tokens
+    growth = cdiv(max(max_chunk, decode), block_size) + 1
+    return min(stock, held + growth)
 
 
 def aligned_pages(budget: int, offset: int, forced: int, block_size: int) -> int:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 PolicyName = Literal["madakv", "full", "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv", "lookm"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)
@@ -73,6 +73,12 @@ class MadaKVConfig(BaseModel):
         True, description="round each head's budget to whole KV pages (at most +15% over the budget)"
     )
     min_prompt_len: int = Field(0, ge=0, description="prompts shorter than this are never compressed")
+    # "end": the prompt is compressed once, when its last chunk has run. "chunked": also after every
+    # prefill chunk that would free a page, to the budget of the tokens seen so far, so a request
+    # holds about its budget plus one chunk while it prefills (madakv_vllm/accounting.py).
+    prefill_eviction: Literal["end", "chunked"] = Field(
+        "end", description="compress when the prompt is done ('end') or after every prefill chunk ('chunked')"
+    )
     pyramid_beta: float = Field(20.0, gt=0.0, description="PyramidKV: top/bottom layer budget ratio parameter")
     adakv_alpha: float = Field(0.2, ge=0.0, le=1.0, description="AdaKV: safeguard share of the per-head budget")
     h2o_recent_ratio: float = Field(0.5, ge=0.0, le=1.0, description="H2O, LOOK-M: share of the budget for recent tokens")
@@ -88,6 +94,17 @@ class MadaKVConfig(BaseModel):
         elif not (0.0 < v <= 1.0):
             raise ValueError("budget as a fraction must be in (0, 1]; give an int for a token count")
         return v
+
+    @model_validator(mode="after")
+    def _check_chunked(self) -> "MadaKVConfig":
+        if self.prefill_eviction == "chunked" and not self.page_aligned:
+            raise ValueError("madakv.prefill_eviction: 'chunked' needs madakv.page_aligned: true")
+        return self
+
+    @property
+    def chunked(self) -> bool:
+        """Evicts during chunked prefill (a policy that evicts, in 'chunked' mode)."""
+        return self.prefill_eviction == "chunked" and self.policy != "full"
 
     @property
     def sinks(self) -> int:
@@ -167,8 +184,11 @@ def parse_config(data: dict[str, Any] | None) -> MadaKVConfig:
     except ValidationError as e:
         msgs = []
         for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-            msgs.append(f"madakv.{loc}: {err['msg']} (got {err.get('input')!r})")
+            loc = ".".join(str(x) for x in err["loc"])
+            if loc:
+                msgs.append(f"madakv.{loc}: {err['msg']} (got {err.get('input')!r})")
+            else:  # a rule over several fields: its message names them
+                msgs.append(err["msg"].removeprefix("Value error, "))
         raise MadaKVConfigError("invalid MadaKV config: " + "; ".join(msgs)) from None
 
 

@@ -38,10 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    import madakv_vllm  # noqa: F401
-except ImportError:  # not installed: use the checkout
-    sys.path.append(str(ROOT))
+if str(ROOT) not in sys.path:  # madakv_eval (the evaluation tools) is not installed: the checkout's
+    sys.path.insert(0, str(ROOT))
 
 SHAPE = dict(heads=12, kv_heads=2, head_dim=128, hidden=1536, intermediate=8960)  # Qwen2-VL-2B's LM
 FULL_LAYERS = 28

@@ -34,10 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import madakv_vllm  # noqa: F401
-except ImportError:  # not installed: use the checkout
-    sys.path.append(str(ROOT))
+if str(ROOT) not in sys.path:  # madakv_eval (the evaluation tools) is not installed: the checkout's
+    sys.path.insert(0, str(ROOT))
 
 from madakv_eval.serve import free_port, metrics, serve  # noqa: E402
 

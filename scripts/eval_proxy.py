@@ -120,6 +120,9 @@ def parse_args(argv=None):
                         "task; the full cache's answers must match exactly) into --out, with paired intervals "
                         "against --reference across them; the first file wins a policy@budget that repeats (a "
                         "policy whose defaults changed between runs); runs no model")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                   help="vLLM's token budget per step: the prefill chunk (small values split the prompts into "
+                        "chunks, for prefill_eviction=chunked variants)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-minutes", type=float, default=40.0, help="stop starting new configs after this")
     p.add_argument("--out", type=Path, default=REPO / "models" / "proxy-eval.json")
@@ -159,7 +162,7 @@ def run_vllm(args, samples, configs, vocab: int):
         dtype="float32",
         seed=0,
         max_model_len=4096,
-        max_num_batched_tokens=4096,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         limit_mm_per_prompt={"image": args.images[1]},
         max_logprobs=-1,
     )

@@ -3,7 +3,10 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from madakv_vllm.accounting import aligned_pages, cdiv, plan_compression
+import pytest
+import torch
+
+from madakv_vllm.accounting import EventKind, RequestPlan, aligned_pages, cdiv, peak_pages, plan_compression
 from madakv_vllm.config import MadaKVConfig
 
 
@@ -16,7 +19,7 @@ def test_nothing_evicted_for_full_or_large_budget():
 def test_plan_and_freed_range():
     p = plan_compression(MadaKVConfig(budget=0.2, page_aligned=False), 700, 32)
     assert (p.budget, p.keep_pages, p.granule) == (140, 6, 1)
-    assert p.freed_range(700, 32) == (6, 21)  # block 21 holds tokens 672..699 and the first decode tokens
+    assert p.freed_runs(700, 32) == [(6, 21)]  # block 21 holds tokens 672..699 and the first decode tokens
     assert p.owned_blocks(700, 22, 32) == [0, 1, 2, 3, 4, 5, 21]
     # page-aligned (default): 700 = 21 pages + r = 28 tokens in the tail page; every head keeps
     # 28 + whole pages: (140 - 28) / 32 = 3.5 -> 4 pages, 156 tokens (<= 1.15 x 140), no slack page
@@ -45,7 +48,7 @@ def test_aligned_pages_nearest_capped_at_slack_and_window():
 def test_recompression_events():
     p = plan_compression(MadaKVConfig(budget=0.2, recompress_interval=16, page_aligned=False), 700, 32)
     assert [p.event_len(n) for n in (700, 715, 716, 731, 732)] == [700, 700, 716, 716, 732]
-    assert p.freed_range(732, 32) == (6, 22)
+    assert p.freed_runs(732, 32) == [(6, 22)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -96,3 +99,96 @@ def test_retained_entries_fit_owned_pages(n, frac, bs, L, H, gen, interval, alig
         assert B <= 1.15 * cfg.budget_tokens(n) or plan.keep_pages == cdiv(max(cfg.window - r, 0), bs)
     else:  # one page of packing slack
         assert owned <= cdiv(B, bs) + 1 + tail
+
+
+def test_chunked_kept_blocks_grow_from_the_previous_tail():
+    cfg = MadaKVConfig(budget=0.25, prefill_eviction="chunked", recompress_interval=0)
+    rp = RequestPlan(cfg=cfg, num_prompt_tokens=1000)
+    assert rp.advance(256, 32) is EventKind.CHUNK  # 8 pages, budget 64: keeps pages 0, 1
+    assert rp.plan.kept_blocks() == (0, 1) and rp.plan.freed_runs(256, 32) == [(2, 8)]
+    assert rp.advance(256, 32) is None  # a length seen already: nothing new
+    assert rp.advance(512, 32) is EventKind.CHUNK  # budget 128 = 4 pages: 0, 1, then the old tail's 8, 9
+    assert rp.plan.kept_blocks() == (0, 1, 8, 9) and rp.plan.freed_runs(512, 32) == [(2, 8), (10, 16)]
+    assert rp.advance(1000, 32) is EventKind.PROMPT and rp.decided
+    assert rp.plan.kept_blocks()[:4] == (0, 1, 8, 9) and rp.plan.budget == 8 + 32 * rp.plan.keep_pages
+    assert rp.advance(1001, 32) is None  # no re-compression with interval 0
+    end = RequestPlan(cfg=cfg.model_copy(update={"prefill_eviction": "end"}), num_prompt_tokens=1000)
+    assert end.advance(512, 32) is None and end.advance(1000, 32) is EventKind.PROMPT
+    assert end.plan.kept_blocks() == tuple(range(end.plan.keep_pages))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(40, 6000),
+    budget=st.one_of(st.floats(0.02, 0.9), st.integers(8, 400)),
+    bs=st.sampled_from([16, 32, 64]),
+    L=st.integers(1, 4),
+    H=st.integers(1, 3),
+    window=st.integers(1, 48),
+    sinks=st.sampled_from([0, 4]),
+    chunk=st.integers(1, 700),
+    gen=st.integers(0, 120),
+    interval=st.sampled_from([0, 16, 50]),
+    min_prompt=st.sampled_from([0, 300]),
+    rnd=st.randoms(use_true_random=False),
+)
+def test_chunked_eviction_page_contract(n, budget, bs, L, H, window, sinks, chunk, gen, interval, min_prompt, rnd):
+    """Prefill in random chunks, then decode, through RequestPlan.advance (what both sides call)
+    and the worker's per-head counts (eviction.chunk_counts): after every event each (layer, head)
+    keeps r + whole sub-blocks, at least the window and sinks, never more than it holds, L*H*B in
+    all; the pages the scheduler leaves are exactly the ones the workers pack into, they hold every
+    entry, and the request never holds more than peak_pages (what admission reserves)."""
+    from madakv_vllm.integration.eviction import chunk_counts
+
+    cfg = MadaKVConfig(budget=budget, window=window, sink_tokens=sinks, recompress_interval=interval,
+                       prefill_eviction="chunked", min_prompt_len=min_prompt)
+    forced = window + sinks
+    rp = RequestPlan(cfg=cfg, num_prompt_tokens=n)
+    lengths, t = [], 0
+    while t < n:
+        t = min(n, t + rnd.randint(max(1, chunk // 2), chunk))
+        lengths.append(t)
+    lengths += list(range(n + 1, n + gen + 1))
+    peak = peak_pages(cfg, n, gen, bs, chunk)
+    live: set[int] = set()
+    lens = base = None  # [L, H] entries per (layer, head) once compressed
+    prev = 0
+    for T in lengths:
+        live |= set(range(cdiv(prev, bs), cdiv(T, bs)))  # vLLM allocates the step's pages first
+        assert len(live) <= peak, (len(live), peak)
+        if lens is not None:
+            lens = lens + (T - prev)
+        prev_event = rp.event_len
+        kind = rp.advance(T, bs)
+        plan = rp.plan
+        if kind is not None:
+            r, g = plan.offset(T), plan.granule
+            if lens is None:  # first compression: any split the policies can produce
+                lo = cdiv(max(forced - r, 0), g)
+                counts = [r + lo * g] * (L * H)
+                for _ in range(L * H * (plan.keep_pages - lo)):
+                    i = rnd.randrange(L * H)
+                    if counts[i] + g > T:
+                        i = counts.index(min(counts))
+                    counts[i] += g
+                lens = torch.tensor(counts).view(L, H)
+            elif kind is EventKind.RECOMPRESS:
+                drop = (base % g - r) % g
+                lens = torch.where(base - drop >= 0, base - drop, base - drop + g)
+            else:
+                held = lens
+                lens = chunk_counts(lens, lens - (T - prev_event), plan, forced)
+                assert bool((lens <= held).all())
+            if kind is EventKind.PROMPT:
+                base = lens.clone()
+            assert bool(((lens - r) % g == 0).all())
+            if kind is not EventKind.RECOMPRESS:  # re-compression may cut up to a page below (eviction.py)
+                assert int(lens.sum()) == L * H * plan.budget and bool((lens >= min(forced, T)).all())
+            for first, last in plan.freed_runs(rp.event_len, bs):
+                live -= set(range(first, last))
+            assert live == set(plan.owned_blocks(rp.event_len, cdiv(T, bs), bs))
+        if lens is not None:
+            assert int(((lens + bs - 1) // bs).sum()) <= len(live) * L * H
+        prev = T
+    if plan is not None and base is not None:
+        assert rp.decided and plan.comp_len == n and plan.budget <= 1.15 * cfg.budget_tokens(n) + bs

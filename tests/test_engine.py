@@ -231,6 +231,60 @@ def test_compacted_attention_equals_dense_reference(engine):
     assert verify.SHADOW.max_err < 1e-4, verify.SHADOW.max_err
 
 
+def test_chunked_eviction_attention_equals_dense_reference_after_every_chunk(engine):
+    """prefill_eviction 'chunked', prompts of 4-6 chunks of 512: every chunk after the first
+    compression attends over the compacted cache plus itself, and equals fp32 attention over exactly
+    the retained tokens (then decoding and re-compression as before); while prefilling, a request
+    never holds more pages than accounting.peak_pages (what admission reserves), and far fewer than
+    stock; every page comes back."""
+    from madakv_vllm.accounting import peak_pages
+    from madakv_vllm.integration import per_head, verify
+
+    llm = engine("qwen2vl", FULL)
+    free0 = free_blocks(llm)
+    verify.SHADOW = verify.Shadow()
+    verify.ENABLED = True
+    peaks, chunk_events = {}, []
+    try:
+        reqs = {}
+        for i, pol in enumerate(["madakv", "snapkv", "pyramidkv", "adakv", "h2o", "lookm", "streamingllm"]):
+            prompt = mm_prompt("qwen2vl", [words(700 + 90 * i, i), i, words(1200, i + 1), i + 1, words(200, i)])
+            extra = {"madakv_policy": pol, "madakv_budget": 0.2, "madakv_recompress_interval": 16,
+                     "madakv_prefill_eviction": "chunked"}
+            reqs[pol] = (prompt, greedy(24, **extra))
+
+        def observe(step):
+            for rid, plan in manager(llm).requests.items():
+                if not plan.decided:
+                    held = held_blocks(llm, rid)
+                    peaks[rid] = max(peaks.get(rid, 0), held)
+                    cap = peak_pages(plan.cfg, plan.num_prompt_tokens, 0, 32, 512)
+                    assert held <= cap, (rid, held, cap)
+            for st in per_head.STATES:
+                chunk_events.extend(rs.req_id for rs in st.requests.values() if rs.is_compressed and not rs.decided)
+
+        outs = _run(llm, reqs, observe)
+    finally:
+        verify.ENABLED = False
+    assert len(outs) == len(reqs) and all(len(o.outputs[0].token_ids) == 24 for o in outs.values())
+    assert len(set(chunk_events)) == len(reqs)  # every request was compressed before its prompt ended
+    assert verify.SHADOW.chunk_checked > 10_000, verify.SHADOW.chunk_checked
+    assert verify.SHADOW.max_err < 1e-4, verify.SHADOW.max_err
+    for o in outs.values():  # ~0.2 x the prompt + one 512-token chunk, vs the whole prompt
+        n = len(o.prompt_token_ids)
+        assert max(p for r, p in peaks.items() if r.startswith(o.request_id)) < 0.6 * cdiv(n, 32)
+    assert free_blocks(llm) == free0
+
+
+def test_chunked_mode_is_end_mode_for_a_one_chunk_prompt(engine):
+    """A prompt that fits one chunk is compressed once, at its end, exactly as in 'end' mode."""
+    llm = engine("qwen2vl", FULL)
+    prompt = mm_prompt("qwen2vl", [words(200), 1, words(100, 2)])
+    outs = [llm.generate([prompt], greedy(20, madakv_budget=0.2, madakv_prefill_eviction=mode), use_tqdm=False)[0]
+            for mode in ("end", "chunked")]
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+
+
 def test_every_policy_changes_the_kept_set_but_not_the_first_token(engine):
     """The first generated token comes from the full prefill; later ones attend the compressed cache."""
     llm = engine("qwen2vl", FULL)
@@ -264,8 +318,9 @@ def test_offline_rejected_request_does_not_poison_the_next_with_its_image(engine
 
 
 def test_random_requests_aborts_preemption_no_leak(engine):
-    """Hundreds of random requests (lengths, images, budgets, policies, aborts) in a small pool:
-    preemption happens, every block comes back."""
+    """Hundreds of random requests (lengths, images, budgets, policies, eviction at the prompt's end
+    or after every prefill chunk, aborts) in a small pool: preemption happens, every block comes
+    back."""
     llm = engine("qwen2vl", FULL, num_gpu_blocks_override=96, max_model_len=2048, max_num_seqs=16)
     sched = core(llm).scheduler
     preempted = []
@@ -285,7 +340,8 @@ def test_random_requests_aborts_preemption_no_leak(engine):
         for _ in range(rng.randrange(0, 3)):
             parts.insert(rng.randrange(0, len(parts) + 1), rng.randrange(0, 50))
         extra = {"madakv_policy": rng.choice(policies), "madakv_budget": rng.choice([0.05, 0.1, 0.3, 64, 1.0]),
-                 "madakv_recompress_interval": rng.choice([0, 8, 32])}
+                 "madakv_recompress_interval": rng.choice([0, 8, 32]),
+                 "madakv_prefill_eviction": rng.choice(["end", "chunked"])}
         pending.append((f"r{i}", mm_prompt("qwen2vl", parts), greedy(rng.randrange(1, 80), logprobs=None, **extra)))
     live, steps = [], 0
     while pending or llm.llm_engine.has_unfinished_requests():

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from madakv_eval.serve import chat_with_image, free_port, labelled_metrics, metrics, serve
+from madakv_vllm.accounting import cdiv
 
 pytestmark = pytest.mark.slow
 
@@ -162,6 +163,55 @@ def test_invalid_server_config_fails_at_startup_naming_the_field(model_dir):
     )
     assert r.returncode != 0
     assert "madakv.budget" in r.stdout + r.stderr
+
+
+CHUNKED_CONFIG = {"policy": "madakv", "budget": 0.1, "prefill_eviction": "chunked"}
+POOL_BLOCKS = 40  # 1,280 tokens of 32 (one is vLLM's null block)
+
+
+def test_chunked_eviction_serves_a_prompt_three_times_the_pool(model_dir, engine, tmp_path):
+    """prefill_eviction 'chunked': `vllm serve` starts with --max-model-len 6000 over a 1,248-token
+    KV pool (stock refuses it), answers a ~3,900-token image chat through the OpenAI API with the
+    tokens the same config gives in a pool large enough, refuses with a 400 what would not fit (the
+    same prompt in 'end' mode or with policy full, or a budget too large), and gets every page back."""
+    from vllm import SamplingParams
+
+    model = str(model_dir("qwen2vl"))
+    text = "compare the red and the blue images " * 540
+    args = ["--enforce-eager", "--block-size", "32", "--max-num-batched-tokens", "256", "--dtype", "float32",
+            "--num-gpu-blocks-override", str(POOL_BLOCKS), "--max-model-len", "6000", "--seed", "0",
+            "--additional-config", json.dumps({"madakv": CHUNKED_CONFIG})]
+    stock_log = tmp_path / "stock.log"
+    with pytest.raises(RuntimeError, match="exited"):  # stock vLLM: max_model_len above the pool
+        with serve(Path(model), free_port(), *args[:-2], log=stock_log, timeout=120):
+            pass
+    assert "max seq len" in stock_log.read_text()
+    port = free_port()
+    with serve(Path(model), port, "--attention-backend", "madakv", *args, log=tmp_path / "serve.log",
+               env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}):
+        r = chat_with_image(port, model, n_images=2, text=text, max_tokens=16)
+        assert r.usage.prompt_tokens >= 3 * (POOL_BLOCKS - 1) * 32, r.usage.prompt_tokens
+        assert r.usage.completion_tokens == 16
+        for xargs in [{"madakv_prefill_eviction": "end"}, {"madakv_policy": "full"}, {"madakv_budget": 0.9}]:
+            with pytest.raises(openai.BadRequestError) as e:
+                chat_with_image(port, model, n_images=2, text=text, max_tokens=16, extra_body={"vllm_xargs": xargs})
+            assert e.value.status_code == 400 and "does not fit the KV cache" in str(e.value)
+        short = chat_with_image(port, model, text="compare the images", max_tokens=4,
+                                extra_body={"vllm_xargs": {"madakv_prefill_eviction": "end"}})
+        assert short.usage.completion_tokens == 4  # what fits is served in any mode
+        usage = metrics(port)["vllm:kv_cache_usage_perc"]
+        freed = metrics(port)["madakv:kv_pages_freed_total"]
+    assert usage == 0.0
+    assert freed >= cdiv(r.usage.prompt_tokens, 32) * 0.8
+    # the same chat with the same config and chunks, in a pool that holds it whole
+    llm = engine("qwen2vl", CHUNKED_CONFIG, max_num_batched_tokens=256, max_model_len=6000)
+    from madakv_eval.serve import image_data_url
+
+    content = [{"type": "image_url", "image_url": {"url": image_data_url(i)}} for i in range(2)]
+    content.append({"type": "text", "text": text})
+    ref = llm.chat([{"role": "user", "content": content}], SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0]
+    assert len(ref.prompt_token_ids) == r.usage.prompt_tokens
+    assert r.choices[0].message.content == ref.outputs[0].text
 
 
 def test_offline_llm_with_spawned_processes_matches_in_process(model_dir, engine):

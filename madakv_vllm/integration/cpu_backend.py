@@ -136,7 +136,7 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 class MadaKVCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        per_head.set_config_json(server_config(get_current_vllm_config()).model_dump_json())
+        per_head.remember_engine_config(get_current_vllm_config())
         # ALiBi and soft-capping are not in vLLM's selector config, so validation cannot see them.
         if self.attn_type == AttentionType.DECODER and (self.alibi_slopes is not None or self.logits_soft_cap):
             raise ValueError("--attention-backend madakv supports plain causal attention layers only "

@@ -160,7 +160,7 @@ class MadaKVCUDAImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
-        per_head.set_config_json(server_config(get_current_vllm_config()).model_dump_json())
+        per_head.remember_engine_config(get_current_vllm_config())
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
         # As stock FlashAttentionImpl asks (no alibi, sinks or softcap here); None means no

@@ -8,6 +8,11 @@ Timeline of one request (see madakv_vllm/accounting.py for the page contract):
    the LAST layer, all layers' retained entries are gathered and re-written,
    packed, into the sub-blocks of the pages the request keeps. The scheduler
    frees the other pages when it next schedules, i.e. after this step.
+   With ``prefill_eviction: chunked`` this first compression may come after an
+   earlier chunk, to the budget of the tokens seen so far; later chunks are then
+   appended to every (layer, head) sequence like decode tokens (the kernel's
+   causal mask holds: they are each sequence's last entries) and cut back after
+   each chunk, every head to its share of the new budget, with the policy's rule.
 3. Decoding appends each new token to every (layer, head) sequence; new
    sub-blocks come from pages the scheduler appends.
 4. Every ``recompress_interval`` tokens, each head drops back to its retained
@@ -18,14 +23,13 @@ physical slots, per-head lengths and block tables do.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from madakv_vllm.accounting import RequestPlan
+from madakv_vllm.accounting import EventKind, RequestPlan, cdiv
 from madakv_vllm.config import MODALITY_NAMES, MadaKVConfig
 from madakv_vllm.integration import metrics
 from madakv_vllm.integration.kv_manager import request_config
@@ -44,10 +48,9 @@ class RequestKV(RequestPlan):
     mm_features: list
     # rolling window of the most recent queries, per layer: [Hq, W, D]
     queries: list[torch.Tensor | None] = field(default_factory=list)
-    # Compressed layout (set by the prompt's compaction). Entry j of (layer l, head h) -- its j-th
+    # Compressed layout (set by the first compaction). Entry j of (layer l, head h) -- its j-th
     # retained token, in position order -- lives in slot j % bs of flat sub-block
     # subblocks[l, h, j // bs] of the per-head view (paged.FlatKVCache).
-    event_len: int = 0  # logical length at the latest compression event
     subblocks: torch.Tensor | None = None  # [L, H, cap] flat sub-block ids owned by each sequence (int64)
     lens: torch.Tensor | None = None  # [L, H] entries per (layer, head)
     base_counts: torch.Tensor | None = None  # [L, H] retained after the prompt's compression
@@ -85,11 +88,6 @@ class RequestKV(RequestPlan):
         self.queries[layer] = buf
 
 
-class EventKind(enum.Enum):
-    PROMPT = "prompt"  # the prompt is fully computed: compress it
-    RECOMPRESS = "recompress"  # recompress_interval tokens generated since the last compression
-
-
 @dataclass
 class Event:
     """One compression of one request in this step."""
@@ -98,6 +96,8 @@ class Event:
     length: int  # logical length after this step
     kind: EventKind
     block_ids: list[int]
+    from_stock: bool = True  # the request's first compression (its KV is in the stock layout)
+    keep: torch.Tensor | None = None  # [L, H] entries each head keeps (a compressed request's event)
     kept: list = field(default_factory=list)  # per layer: list of H index tensors
     policy: object = None  # the request's policy (policies.Policy)
     policy_state: object = None  # policies.CompressionState of a prompt event
@@ -138,47 +138,64 @@ class WorkerKV:
     # --- per step ---------------------------------------------------------------
 
     def plan_row(self, rs: RequestKV, length: int, block_ids: list[int]) -> Event | None:
-        """Decide whether this step's chunk triggers a compression event."""
-        if not rs.decided:
-            if not rs.prompt_done(length, self.bs):
-                return None
-            if rs.plan is None:
-                rs.queries = [None] * self.num_layers  # never needed again
-                return None
-            return Event(rs, length, EventKind.PROMPT, list(block_ids))
-        # The scheduler frees up to its event boundary; compacting at `length` >= that boundary
-        # keeps a subset of the pages it keeps (madakv_vllm/accounting.py).
-        if rs.is_compressed and rs.plan.event_len(length) > rs.event_len:
-            return Event(rs, length, EventKind.RECOMPRESS, list(block_ids))
-        return None
+        """Decide whether this step's chunk (or decode token) triggers a compression event; a
+        compressed request's new entries are already appended (append_slots)."""
+        prev_len = rs.event_len
+        kind = rs.advance(length, self.bs)
+        if kind is None:
+            if rs.decided and rs.plan is None:
+                rs.queries = [None] * self.num_layers  # never compressed: never needed again
+            return None
+        ev = Event(rs, length, kind, list(block_ids), from_stock=not rs.is_compressed)
+        if ev.from_stock:
+            return ev
+        if kind is EventKind.RECOMPRESS:
+            # Page-aligned: a head keeps r_T + whole sub-blocks, r_T = T mod bs entries sharing the
+            # tail page (accounting.py). From the prompt's r_C + j*bs that is base - ((r_C - r_T) mod bs),
+            # never more than the base (only a sub-page base with r_T > r_C keeps r_T).
+            drop = (rs.plan.offset(rs.plan.comp_len) - rs.plan.offset(length)) % rs.plan.granule
+            keep = rs.base_counts - drop
+            ev.keep = torch.where(keep >= 0, keep, keep + rs.plan.granule)
+        else:  # a chunk appended to a compressed request: cut back to the budget at this length
+            ev.keep = chunk_counts(rs.lens, rs.lens - (length - prev_len), rs.plan, rs.cfg.window + rs.cfg.sinks)
+        return ev
 
-    def append_slots(self, rs: RequestKV, block_ids: list[int], position: int) -> torch.Tensor:
-        """Reserve one slot per (layer, head) for a compressed request's next token.
+    def append_slots(self, rs: RequestKV, block_ids: list[int], first: int, count: int) -> torch.Tensor:
+        """Reserve slots in every (layer, head) sequence for a compressed request's next ``count``
+        tokens, at logical positions ``first`` on (one decode token, or a later prefill chunk),
+        appended in order, so each sequence's last entries (the kernel's causal mask holds).
 
-        Returns [L, H] flat slots and advances the lengths.
+        Returns [L, H, count] flat slots and advances the lengths.
         """
-        c = self.cache
+        c, bs = self.cache, self.bs
         for j in range(rs.known_blocks, len(block_ids)):
             page = block_ids[j]
             rs.free.extend(int(c.subblock(l, page, h)) for l in range(self.num_layers) for h in range(self.H))
         rs.known_blocks = len(block_ids)
         n = rs.lens
-        need = n % self.bs == 0  # the sequence's last sub-block is full (or it has none): take a new one
+        have = (n + bs - 1) // bs  # sub-blocks in use
+        need = (n + count + bs - 1) // bs - have  # new ones each sequence takes
         k = int(need.sum())
         if k:
             if k > len(rs.free):
                 raise RuntimeError(f"madakv: request {rs.req_id} ran out of owned sub-blocks (accounting bug)")
-            self._ensure_capacity(rs, int((n // self.bs).max()) + 1)
-            new = torch.tensor(rs.free[:k], dtype=torch.long)
-            del rs.free[:k]
+            self._ensure_capacity(rs, int((have + need).max()))
             li, hi = need.nonzero(as_tuple=True)
-            rs.subblocks[li, hi, n[li, hi] // self.bs] = new
-        idx = n // self.bs
-        slots = torch.gather(rs.subblocks, 2, idx.unsqueeze(-1)).squeeze(-1) * self.bs + n % self.bs
-        self._ensure_tokens(rs, int(n.max()) + 1)
-        rs.entry_modality.scatter_(2, n.unsqueeze(-1), 0)  # generated tokens are text
-        rs.entry_position.scatter_(2, n.unsqueeze(-1), position)
-        rs.lens = n + 1
+            reps = need[li, hi]
+            li, hi = li.repeat_interleave(reps), hi.repeat_interleave(reps)
+            within = torch.arange(k) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+            rs.subblocks[li, hi, have[li, hi] + within] = torch.tensor(rs.free[:k], dtype=torch.long)
+            del rs.free[:k]
+        j = n.unsqueeze(-1) + torch.arange(count)  # [L, H, count] entry indices
+        slots = torch.gather(rs.subblocks, 2, j // bs) * bs + j % bs
+        self._ensure_tokens(rs, int(n.max()) + count)
+        pos = torch.arange(first, first + count)
+        mods = torch.zeros(count, dtype=torch.int8)  # generated tokens are text
+        in_prompt = pos < rs.num_prompt_tokens
+        mods[in_prompt] = rs.modality(rs.num_prompt_tokens)[pos[in_prompt]]
+        rs.entry_modality.scatter_(2, j, mods.expand_as(j).contiguous())
+        rs.entry_position.scatter_(2, j, pos.to(torch.int32).expand_as(j).contiguous())
+        rs.lens = n + count
         return slots
 
     # --- selection (after each layer's attention) ---------------------------------
@@ -201,7 +218,7 @@ class WorkerKV:
         queries = rs.queries[layer]  # [Hq, Wq, D]
         if ev.policy is None:
             ev.policy = make_policy(cfg)
-        if ev.kind is EventKind.PROMPT:
+        if ev.from_stock:
             n = ev.length
             if ev.policy_state is None:
                 ev.policy_state = ev.policy.begin(
@@ -214,18 +231,13 @@ class WorkerKV:
                 ev.kept = [[k.to("cpu", torch.long) for k in kept] for kept in ev.policy.select_observed(ev.policy_state)]
         else:
             kept = []
-            # Page-aligned: a head keeps r_T + whole sub-blocks, r_T = T mod bs entries sharing the
-            # tail page (accounting.py). From the prompt's r_C + j*bs that is base - ((r_C - r_T) mod bs),
-            # never more than the base (only a sub-page base with r_T > r_C keeps r_T).
-            drop = (rs.plan.offset(rs.plan.comp_len) - rs.plan.offset(ev.length)) % rs.plan.granule
             for h in range(self.H):
                 n = int(rs.lens[layer, h])
                 keys = self.read_compressed(rs, layer, h, n)[0]  # [n, D]
                 wq = min(cfg.window, n)
                 q = queries[h * self.G : (h + 1) * self.G, -wq:]
-                keep = int(rs.base_counts[layer, h]) - drop
-                keep = keep if keep >= 0 else keep + rs.plan.granule
-                idx = ev.policy.recompress(q.float(), keys.float(), rs.entry_modality[layer, h, :n].long(), keep)
+                idx = ev.policy.recompress(q.float(), keys.float(), rs.entry_modality[layer, h, :n].long(),
+                                           int(ev.keep[layer, h]))
                 kept.append(idx.to("cpu", torch.long))
             ev.kept.append(kept)
 
@@ -234,9 +246,8 @@ class WorkerKV:
     def compact(self, ev: Event) -> None:
         t0 = time.perf_counter()
         rs, c, bs, L, H = ev.req, self.cache, self.bs, self.num_layers, self.H
-        if ev.kind is EventKind.PROMPT:
-            all_mods = rs.modality(ev.length)
-            before = torch.bincount(all_mods.long(), minlength=len(MODALITY_NAMES)) * (L * H)
+        if ev.from_stock:
+            before = torch.bincount(rs.modality(ev.length).long(), minlength=len(MODALITY_NAMES)) * (L * H)
         else:
             before = entries_by_modality(rs.entry_modality, rs.lens)
         counts = torch.tensor([[len(ev.kept[l][h]) for h in range(H)] for l in range(L)], dtype=torch.long)
@@ -244,9 +255,9 @@ class WorkerKV:
         for l in range(L):
             for h in range(H):
                 idx = ev.kept[l][h]
-                if ev.kind is EventKind.PROMPT:
+                if ev.from_stock:
                     src_slots.append(self.stock_slots(l, h, ev.block_ids, idx))
-                    mods.append(all_mods[idx])
+                    mods.append(rs.modality(ev.length)[idx])
                     poss.append(idx)
                 else:
                     src_slots.append(rs.subblocks[l, h, idx // bs] * bs + idx % bs)
@@ -286,7 +297,6 @@ class WorkerKV:
         rs.subblocks, rs.lens, rs.entry_modality, rs.entry_position = sub, counts, entry_modality, entry_position
         rs.free = pool[total_sub:].tolist()
         rs.known_blocks = len(ev.block_ids)
-        rs.event_len = ev.length
         if ev.kind is EventKind.PROMPT:
             rs.base_counts = counts.clone()
             if rs.plan.interval <= 0:
@@ -294,7 +304,7 @@ class WorkerKV:
         kept = entries_by_modality(entry_modality, counts)
         metrics.compression(ev.kind.value, kept, before, ev.seconds + time.perf_counter() - t0)
         if ev.kind is EventKind.PROMPT and logger.isEnabledFor(logging.DEBUG):
-            log_compression(rs, all_mods, kept, L * H, len(ev.block_ids), len(pages))
+            log_compression(rs, rs.modality(ev.length), kept, L * H, len(ev.block_ids), len(pages))
 
     # --- reading entries -----------------------------------------------------------
 
@@ -330,6 +340,22 @@ class WorkerKV:
             rs.entry_position = torch.nn.functional.pad(rs.entry_position, (0, new_cap - cap))
 
 
+
+
+def chunk_counts(lens: torch.Tensor, weight: torch.Tensor, plan, forced: int) -> torch.Tensor:
+    """[L, H] entries each (layer, head) of a compressed request keeps at a chunk's event: exactly
+    L*H*(P*bs + r) in all (``plan``'s budget), each r + whole sub-blocks, at least the ``forced``
+    window and sinks and at most the ``lens`` it holds, the whole sub-blocks split in proportion to
+    ``weight`` (what each head kept at the previous event: the policy's split carries forward)."""
+    from madakv_vllm.policies.core import apportion
+
+    bs, r = plan.granule, plan.offset(plan.comp_len)
+    assert bool(((lens - r) % bs == 0).all()), "chunked eviction: a head's count lost its page alignment"
+    avail = (lens - r) // bs
+    lo = cdiv(max(forced - r, 0), bs)
+    total = lens.numel() * (plan.keep_pages - lo)
+    extra = apportion(total, weight.reshape(-1).double(), (avail - lo).reshape(-1))
+    return r + (lo + extra.view_as(lens)) * bs
 
 
 def entries_by_modality(entry_modality: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

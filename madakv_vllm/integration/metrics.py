@@ -9,7 +9,8 @@
 | ``madakv:tokens_evicted_total{modality,event}`` | every worker | KV entries evicted, likewise |
 | ``madakv:compression_seconds{event}`` | every worker | time in selection and compaction, one observation per rank and event |
 
-``event`` is ``prompt`` (the prompt's compression) or ``recompress`` (during decoding). Under
+``event`` is ``chunk`` (after a prefill chunk, ``prefill_eviction: chunked``), ``prompt`` (the
+prompt's compression) or ``recompress`` (during decoding). Under
 tensor parallelism each rank counts its own KV heads, so the token totals cover all heads.
 
 vLLM's ``/metrics`` shows only the API server's own metrics unless vLLM's multiprocess

@@ -14,7 +14,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``VllmConfig._get_v2_model_runner_unsupported_features`` | madakv needs the V1 model runner: vLLM then chooses it |
 | ``InputProcessor._validate_params`` | HTTP 400 for a bad ``madakv_*`` request argument |
 | ``BaseRenderer._process_tokens`` / ``_process_tokens_async`` | note the multimodal sender-cache entries a rendered request added (``mm_cache.py``) |
-| ``InputProcessor.process_inputs`` | submit them with the engine request, or roll them back when it is rejected |
+| ``InputProcessor.process_inputs`` | submit them with the engine request, or roll them back when it is rejected; HTTP 400 for a request that cannot fit the KV pool (``plugin.check_fits_pool``) |
 | ``OfflineInferenceMixin._render_and_add_requests`` | one rollback scope per offline ``LLM`` call |
 | ``vllm.entrypoints.launchers.app.init_entrypoints_middleware`` | one rollback scope per HTTP request (ASGI middleware) |
 | ``MediaConnector._load_data_url`` | RFC 2397 data URLs without ``;base64`` are decoded (vLLM 0.32 answers them with HTTP 501) |
@@ -196,6 +196,7 @@ def _process_inputs(orig):
             before = set(scope.pending)
             try:
                 request = orig(self, request_id, prompt, params, *args, **kwargs)
+                plugin.check_fits_pool(self.vllm_config, request)
             except BaseException:
                 scope.roll_back([id(prompt), *(set(scope.pending) - before)])
                 raise

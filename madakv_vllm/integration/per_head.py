@@ -27,8 +27,9 @@ from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
 # subclasses) is hooked (patches.py); vLLM is steered away from Model Runner V2 when madakv is
 # selected, and a metadata builder that is not built by a hooked runner refuses to start.
 
-# Server-wide config of the model built last in this process; customize_spec gets no config.
-_CONFIG_JSON: str | None = None
+# Server-wide config (JSON) and the scheduler's token budget per step, of the model built last in
+# this process; customize_spec gets no config.
+_SPEC_FIELDS: tuple[str, int] | None = None
 STATES: "weakref.WeakSet[WorkerKV]" = weakref.WeakSet()
 # The hooked runner whose attention metadata builders are being built right now.
 _BUILDING_RUNNER = None
@@ -41,9 +42,12 @@ RUNNER_NOT_HOOKED = (
 )
 
 
-def set_config_json(text: str) -> None:
-    global _CONFIG_JSON
-    _CONFIG_JSON = text
+def remember_engine_config(vllm_config) -> None:
+    """Called as each attention layer is built (vLLM's current config is set then)."""
+    from madakv_vllm.integration.plugin import server_config
+
+    global _SPEC_FIELDS
+    _SPEC_FIELDS = (server_config(vllm_config).model_dump_json(), vllm_config.scheduler_config.max_num_batched_tokens)
 
 
 def customize_spec(spec):
@@ -51,9 +55,9 @@ def customize_spec(spec):
 
     if type(spec) is not FullAttentionSpec:  # also called for page-size probes and other specs
         return spec
-    if _CONFIG_JSON is None:
+    if _SPEC_FIELDS is None:
         raise RuntimeError("madakv: KV cache spec requested before the model was built")
-    return MadaKVAttentionSpec.from_full(spec, _CONFIG_JSON)
+    return MadaKVAttentionSpec.from_full(spec, *_SPEC_FIELDS)
 
 
 def hooked_runner(caller: str):
@@ -146,10 +150,9 @@ def build_batch(state: WorkerKV, cm, block_size: int, runner) -> PerHeadBatch:
         width = max([tables.shape[3]] + [int(rs.used_subblocks(bs).max()) + 1 for _, rs, _ in compressed_rows])
         tables = torch.nn.functional.pad(tables, (0, width - tables.shape[3]))
         for i, rs, block_ids in compressed_rows:
-            # Usually one decode token; a resumed request may replay several (causal, appended in order).
+            # One decode token, or a prefill chunk after a compression during prefill (chunked mode).
             t0, t1 = int(qsl[i]), int(qsl[i + 1])
-            for t in range(t0, t1):
-                flat_slots[:, :, t] = state.append_slots(rs, block_ids, int(seq_lens[i]) - (t1 - t))
+            flat_slots[:, :, t0:t1] = state.append_slots(rs, block_ids, int(seq_lens[i]) - (t1 - t0), t1 - t0)
             n = int(rs.used_subblocks(bs).max())
             tables[:, :, i, :n] = rs.subblocks[:, :, :n]
             lens[:, :, i] = rs.lens

@@ -209,3 +209,32 @@ def validate_request_args(vllm_config, extra_args) -> MadaKVConfig:
         return resolve(server_config(vllm_config), extra_args)
     except ValueError as e:
         raise VLLMValidationError(str(e).replace("madakv.", "madakv_"), parameter="vllm_xargs") from None
+
+
+def check_fits_pool(vllm_config, request) -> None:
+    """A request must fit the KV pool at its peak (HTTP 400 otherwise). Stock vLLM guarantees it by
+    refusing a max_model_len above the pool; with eviction during chunked prefill the server accepts
+    one (MadaKVAttentionSpec.max_memory_usage_bytes), so a request that would not evict while it
+    prefills ("end", policy "full") or whose budget is too large is refused here, not left waiting."""
+    from vllm.exceptions import VLLMValidationError
+
+    from madakv_vllm.accounting import cdiv, peak_pages
+
+    cache = vllm_config.cache_config
+    if not cache.num_gpu_blocks or request.sampling_params is None:
+        return  # not started yet, or no KV to hold (pooling)
+    usable = cache.num_gpu_blocks - 1  # vLLM's pool holds one null block back
+    cfg = resolve(server_config(vllm_config), request.sampling_params.extra_args)
+    n = len(request.prompt_token_ids) if request.prompt_token_ids is not None else len(request.prompt_embeds)
+    out = request.sampling_params.max_tokens or 0
+    if cfg.chunked:
+        need = peak_pages(cfg, n, out, cache.block_size, vllm_config.scheduler_config.max_num_batched_tokens)
+    else:
+        need = cdiv(min(n + out, vllm_config.model_config.max_model_len), cache.block_size)
+    if need > usable:
+        how = ("evicting during prefill it still needs" if cfg.chunked
+               else f"with prefill_eviction '{cfg.prefill_eviction}' and policy '{cfg.policy}' it needs")
+        raise VLLMValidationError(
+            f"madakv: this request ({n} prompt tokens, max_tokens {out}) does not fit the KV cache: {how} "
+            f"{need} pages of {cache.block_size} tokens, the pool has {usable}. Use madakv_prefill_eviction "
+            "'chunked' with a smaller madakv_budget, or a shorter prompt or max_tokens", parameter="vllm_xargs")

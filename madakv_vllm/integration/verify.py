@@ -22,6 +22,7 @@ class Shadow:
         self.max_err = 0.0
         self.checked = 0  # (query token, query head) pairs compared
         self.compressed_checked = 0
+        self.chunk_checked = 0  # of those, queries of a prefill chunk over a compressed request
 
     def drop(self, req_ids) -> None:
         for key in [k for k in self.kv if k[0] in req_ids]:
@@ -48,7 +49,7 @@ class Shadow:
             v_sh[:, first:length] = value[start:end].transpose(0, 1).float()
             self.kv[(rid, layer)] = (k_sh, v_sh)
             rs = st.requests.get(rid)
-            compressed = rs is not None and rs.is_compressed and n_q == 1 and rs.lens is not None
+            compressed = rs is not None and rs.is_compressed and rs.lens is not None
             Hq = query.shape[1]
             G = Hq // H
             qpos = torch.arange(first, length)  # logical positions of this step's queries
@@ -67,6 +68,8 @@ class Shadow:
                 self.checked += n_q * G
                 if compressed:
                     self.compressed_checked += n_q * G
+                    if n_q > 1:
+                        self.chunk_checked += n_q * G
 
 
 SHADOW = Shadow()
