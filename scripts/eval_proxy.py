@@ -462,7 +462,7 @@ def main(argv=None) -> None:
         "variants": {k: v for k, v in VARIANTS.items() if k in args.policies},
         "assets": json.loads((args.model / pt.MODEL_INFO).read_text()) if (args.model / pt.MODEL_INFO).is_file() else None,
         "n_per_task": args.n_per_task, "images": list(args.images), "prompt_tokens": lengths,
-        "mass_per_task": args.mass_per_task, "budgets": args.budgets, "policies": args.policies,
+        "mass_per_task": args.mass_per_task, "max_num_batched_tokens": args.max_num_batched_tokens, "budgets": args.budgets, "policies": args.policies,
         "seconds": {"vllm": round(vllm_s, 1), "mass": round(mass_s, 1)},
         "table": table,
         "paired": paired,
