@@ -48,6 +48,10 @@ class MadaKVConfig(BaseModel):
     min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
     mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
     hcc: bool = Field(True, description="MadaKV: hierarchical compression compensation on/off (ablation)")
+    mpa_mix: float = Field(
+        1.0, ge=0.0, le=1.0, description="MPA: weight of the modality-mass split in each head's per-modality "
+        "quota; the rest follows the head's own top scores (0: top-k, no modality split)"
+    )
     # pyramid_uniform: chosen on the dev splits of both proxies (docs/results.md, "Round 4")
     hcc_mode: Literal["streamed", "global", "layer", "pyramid", "pyramid_uniform"] = Field(
         "pyramid_uniform", description="HCC: how demand moves budget (streamed layer by layer, or over all layers "

@@ -29,6 +29,8 @@ def test_defaults_match_method_note():
         ({"recompress_interval": -1}, "madakv.recompress_interval"),
         ({"budgt": 0.2}, "madakv.budgt"),
         ({"mpa": "maybe"}, "madakv.mpa"),
+        ({"prefill_eviction": "early"}, "madakv.prefill_eviction"),
+        ({"prefill_eviction": "chunked", "page_aligned": False}, "madakv.prefill_eviction"),
     ],
 )
 def test_invalid_values_name_the_field(bad, field):

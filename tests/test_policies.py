@@ -939,3 +939,27 @@ def test_observed_selection_equals_streamed_for_streamed_rules():
         streamed = [pol.select_layer(state, l, q, k) for l, (q, k) in enumerate(zip(qs, ks))]
         observed, _ = run(cfg, qs, ks, mod)
         assert all(torch.equal(a, c) for la, lc in zip(streamed, observed) for a, c in zip(la, lc)), name
+
+
+@pytest.mark.parametrize("hcc_mode", ["pyramid_uniform", "streamed"])
+def test_mpa_mix_blends_the_modality_split_with_top_k_exactly(hcc_mode):
+    """mpa_mix 1 is MPA's split, 0 the head's own top-k within its count (with HCC off: exactly
+    what one content group keeps); every mix keeps exactly L*H*B and moves the kept image share
+    monotonically between the two."""
+    gen = torch.Generator().manual_seed(3)
+    L, H, N, D = 3, 2, 400, 16
+    q = [torch.randn(4, 32, D, generator=gen) for _ in range(L)]
+    k = [torch.randn(H, N, D, generator=gen) for _ in range(L)]
+    k[1][:, 100:250] += 0.8  # layer 1 attends the image more
+    mod = torch.zeros(N, dtype=torch.long)
+    mod[100:250] = IMAGE
+    images = []
+    for mix in (1.0, 0.5, 0.0):
+        pol = make_policy(MadaKVConfig(mpa_mix=mix, hcc_mode=hcc_mode))
+        kept = pol.select_all(q, k, mod, 80)
+        assert sum(len(x) for layer in kept for x in layer) == L * H * 80
+        images.append(sum(int((mod[x] == IMAGE).sum()) for layer in kept for x in layer))
+    assert images[0] != images[2] and min(images[0], images[2]) <= images[1] <= max(images[0], images[2])
+    no_hcc = make_policy(MadaKVConfig(mpa_mix=0.0, hcc=False)).select_all(q, k, mod, 80)
+    one_group = make_policy(MadaKVConfig(mpa=False, hcc=False)).select_all(q, k, mod, 80)
+    assert all(torch.equal(a, b) for la, lb in zip(no_hcc, one_group) for a, b in zip(la, lb))

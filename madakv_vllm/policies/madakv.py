@@ -10,7 +10,7 @@ import torch
 
 from madakv_vllm.config import NUM_MODALITIES
 from madakv_vllm.policies.baselines import pyramid_layer_budgets
-from madakv_vllm.policies.core import CompressionState, Policy, Ranking, apportion
+from madakv_vllm.policies.core import FORCED, CompressionState, Policy, Ranking, apportion
 
 
 @dataclass
@@ -43,6 +43,7 @@ class MadaKVPolicy(Policy):
     min_scale: float = 0.0  # streamed: floor on every layer's total, in multiples of H * B
     hcc_mode: str = "pyramid_uniform"  # as config.MadaKVConfig
     pyramid_beta: float = 20.0  # pyramid readings: PyramidKV's schedule parameter
+    mpa_mix: float = 1.0  # MPA: weight of the modality-mass split against the head's top-k split
 
     def content_group(self, modality):
         return modality.clone() if self.mpa else torch.zeros_like(modality)
@@ -111,7 +112,7 @@ class MadaKVPolicy(Policy):
         if not self.hcc:
             mass, _ = ranking.mass_and_demand(groups)
             total = torch.full((h,), state.budget - f)
-            quota[:, :groups] = self._split(state, total, mass) if self.mpa else total[:, None]
+            quota[:, :groups] = self._modality_split(state, ranking, total, mass) if self.mpa else total[:, None]
             return quota
         mass, demand = ranking.mass_and_demand(groups, self.theta)
         raw = f + demand.sum(1)
@@ -120,9 +121,22 @@ class MadaKVPolicy(Policy):
         else:
             counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale, self.min_scale)
         quota[:, :groups] = torch.where(
-            (counts == raw)[:, None], demand, self._split(state, counts - f, mass)
+            (counts == raw)[:, None], demand, self._modality_split(state, ranking, counts - f, mass)
         )
         return quota
+
+    def _modality_split(self, state, ranking: Ranking, total: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """[H, G]: each head's ``total`` non-forced slots over modalities: MPA's split by attention
+        mass, blended (``mpa_mix`` < 1) with the modalities of the head's own ``total`` best tokens."""
+        split = self._split(state, total, mass)
+        if self.mpa_mix >= 1.0 or not self.mpa:
+            return split
+        g = mass.shape[1]
+        content = ranking.group < FORCED
+        best = content & (content.cumsum(1) <= total.to(ranking.group.device)[:, None])
+        topk = torch.stack([(best & (ranking.group == m)).sum(1) for m in range(g)], dim=1).cpu()
+        weight = self.mpa_mix * split.double() + (1.0 - self.mpa_mix) * topk.double()
+        return apportion(total, weight, state.group_sizes[:g].expand(mass.shape[0], g))
 
     @staticmethod
     def _layer_counts(state: CompressionState, layer: int, want: torch.Tensor, max_scale: float = float("inf"),
