@@ -171,9 +171,10 @@ POOL_BLOCKS = 40  # 1,280 tokens of 32 (one is vLLM's null block)
 
 def test_chunked_eviction_serves_a_prompt_three_times_the_pool(model_dir, engine, tmp_path):
     """prefill_eviction 'chunked': `vllm serve` starts with --max-model-len 6000 over a 1,248-token
-    KV pool (stock refuses it), answers a ~3,900-token image chat through the OpenAI API with the
-    tokens the same config gives in a pool large enough, refuses with a 400 what would not fit (the
-    same prompt in 'end' mode or with policy full, or a budget too large), and gets every page back."""
+    KV pool (stock refuses it), answers an image chat of at least 3x the pool through the OpenAI API
+    with the text the same config gives in a pool large enough, refuses with a 400 what would not fit
+    (the same prompt in 'end' mode or with policy full, or a budget too large), and gets every page
+    back."""
     from vllm import SamplingParams
 
     model = str(model_dir("qwen2vl"))
