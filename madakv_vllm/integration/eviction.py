@@ -247,7 +247,8 @@ class WorkerKV:
         t0 = time.perf_counter()
         rs, c, bs, L, H = ev.req, self.cache, self.bs, self.num_layers, self.H
         if ev.from_stock:
-            before = torch.bincount(rs.modality(ev.length).long(), minlength=len(MODALITY_NAMES)) * (L * H)
+            all_mods = rs.modality(ev.length)
+            before = torch.bincount(all_mods.long(), minlength=len(MODALITY_NAMES)) * (L * H)
         else:
             before = entries_by_modality(rs.entry_modality, rs.lens)
         counts = torch.tensor([[len(ev.kept[l][h]) for h in range(H)] for l in range(L)], dtype=torch.long)
@@ -257,7 +258,7 @@ class WorkerKV:
                 idx = ev.kept[l][h]
                 if ev.from_stock:
                     src_slots.append(self.stock_slots(l, h, ev.block_ids, idx))
-                    mods.append(rs.modality(ev.length)[idx])
+                    mods.append(all_mods[idx])
                     poss.append(idx)
                 else:
                     src_slots.append(rs.subblocks[l, h, idx // bs] * bs + idx % bs)
