@@ -52,6 +52,11 @@ class MadaKVConfig(BaseModel):
         1.0, ge=0.0, le=1.0, description="MPA: weight of the modality-mass split in each head's per-modality "
         "quota; the rest follows the head's own top scores (0: top-k, no modality split)"
     )
+    mpa_split: Literal["mass", "demand", "capped"] = Field(
+        "mass", description="MPA: what each head's per-modality quota follows: its attention mass on each "
+        "modality ('mass'), the fewest tokens covering theta of that mass ('demand'), or the mass with no "
+        "modality above that demand while another is below its own ('capped')"
+    )
     # pyramid_uniform: chosen on the dev splits of both proxies (docs/results.md, "Round 4")
     hcc_mode: Literal["streamed", "global", "layer", "pyramid", "pyramid_uniform"] = Field(
         "pyramid_uniform", description="HCC: how demand moves budget (streamed layer by layer, or over all layers "

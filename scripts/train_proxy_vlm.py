@@ -134,11 +134,25 @@ right: 0.015, 0.12, 0.39 -- chance for the comparison's same/not --, 0.065), i.e
 are read from the cache at decode time, not precomputed in the window. Not bit-reproducible on
 another machine: both runs were stopped by their time limits (``stopped_early`` true; the
 cosine stage decays its learning rate by wall time), so a rerun stops at other steps.
+
+Reproducible by steps: ``--max-steps S [--cosine-steps C]`` replaces both time limits (the
+const stages stop after S - C steps of this run, the cosine stage decays over its C steps), so
+nothing depends on the machine's speed, and every stage's log entry records the sha256 of the
+fp16 weights after it (``weights_sha256``): a rerun can be compared stage by stage. Two
+concurrent runs of ``--geometry v2 --max-steps 10 --cosine-steps 3`` (the induction warm-up cut
+at 7 steps, then 3 cosine steps) gave the same sha256 after each stage; a short check, not of
+the whole recipe. The v2 recipe in one run would be
+``--geometry v2 --max-steps 1514 --cosine-steps 200`` (1,314 const steps as the first run above,
+one 200-step cosine stage); on this machine in December 2026 it ran at ~5 s per warm-up step
+alone (2.9 s in the first run), which puts the run at well over 2 hours (an extrapolation from
+the first run's per-stage times), so it has not been run to the end and the
+committed v2 assets are still those of the time-limited runs above.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -299,6 +313,13 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=48, help="training samples per task in the running accuracy")
     p.add_argument("--advance-acc", type=float, default=0.95)
     p.add_argument("--max-minutes", type=float, default=45.0, help="hard stop for training")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop by steps instead of minutes (bit-reproducible on any machine): this run "
+                        "trains at most this many steps, the const stages stop at this minus "
+                        "--cosine-steps, and the cosine stage decays its learning rate over its steps; "
+                        "--max-minutes and --cosine-minutes are then not used")
+    p.add_argument("--cosine-steps", type=int, default=None,
+                   help="with --max-steps: steps of the cosine stage (default: its max_steps in STAGES)")
     p.add_argument("--cosine-minutes", type=float, default=12.0,
                    help="time reserved for the final cosine stage: the const stages stop at "
                         "--max-minutes minus this; the cosine stage then decays the learning rate "
@@ -318,6 +339,12 @@ def parse_args(argv=None):
                         "(plus 4 sink tokens and the answer so far), i.e. everything else evicted "
                         "(default: 32 for v2, off for v1; 0: off)")
     args = p.parse_args(argv)
+    if args.cosine_steps is not None and args.max_steps is None:
+        p.error("--cosine-steps needs --max-steps")
+    if args.max_steps is not None:
+        args.cosine_steps = STAGES[-1][6] if args.cosine_steps is None else args.cosine_steps
+        if not 0 <= args.cosine_steps <= args.max_steps:
+            p.error("--cosine-steps must be between 0 and --max-steps")
     version = pt.PROXY_VERSIONS[args.geometry]
     if args.out is None:
         args.out = REPO / "models" / version["model"]
@@ -455,6 +482,9 @@ def train(args) -> dict:
         args.assets.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(args.assets / pt.ASSET_WEIGHTS), metadata={"format": "pt"})
+        sha = hashlib.sha256((args.assets / pt.ASSET_WEIGHTS).read_bytes()).hexdigest()
+        if log and not done:  # the weights after this stage: a rerun is compared stage by stage
+            log[-1]["weights_sha256"] = sha
         info = {
             "kind": pt.PROXY_KIND,
             "seed": args.seed,
@@ -470,6 +500,7 @@ def train(args) -> dict:
                 "finished": done,
                 "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
                 "threads": args.threads, "advance_acc": args.advance_acc, "window": args.window,
+                "max_steps": args.max_steps, "cosine_steps": args.cosine_steps,
                 "stages": log,
                 "command": " ".join(sys.argv),
             },
@@ -490,6 +521,24 @@ def train(args) -> dict:
     const_deadline = deadline - 60 * args.cosine_minutes
     # Resuming: continue the global step count, so samples are those a one-shot run would draw.
     step = int(prior["training"]["steps"]) if prior is not None else 0
+    first_step = step
+
+    def skip_to_cosine(si: int) -> bool:
+        """After the limit cut stage si: drop the remaining const stages; False if no cosine
+        (consolidation) stage is left to run."""
+        print(f"{'step' if args.max_steps is not None else 'time'} limit reached in stage {si}", flush=True)
+        rest = [x for x in stages[stages.index(si) + 1:] if STAGES[x][-1] == "cosine"]
+        stages[stages.index(si) + 1:] = rest
+        return bool(rest)
+
+    def out_of_time(schedule: str) -> bool:
+        """The run's limit for a stage of this schedule: steps (--max-steps, the same on every
+        machine) or wall time."""
+        if args.max_steps is not None:
+            if schedule == "cosine":
+                return step - first_step >= args.max_steps
+            return step - first_step >= args.max_steps - args.cosine_steps
+        return time.time() > (deadline if schedule == "cosine" else const_deadline)
     log = []
     stopped_early = False
     v2 = args.geometry != "v1"
@@ -500,6 +549,8 @@ def train(args) -> dict:
             opt = new_optimizer()  # same state whether this stage runs in one go or resumed
             t_cos = time.time()
             cos_seconds = max(60.0, deadline - t_cos)
+            if args.max_steps is not None:  # the decay's length, known before its first step
+                cos_steps = min(max_steps, args.cosine_steps, args.max_steps - (step - first_step))
         if schedule == "induction":
             # (lo, hi) = sequence lengths; ends when the running token accuracy of the last
             # 20 steps reaches --advance-acc (after min_steps) or after max_steps / the deadline.
@@ -528,7 +579,7 @@ def train(args) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok=f"{tok_acc:.3f}", len=input_ids.shape[1])
                 if stage_steps >= min_steps and len(recent_ind) == 20 and tok_acc >= args.advance_acc:
                     break
-                if time.time() > const_deadline:
+                if out_of_time(schedule):
                     stopped_early = True
                     break
             bar.close()
@@ -536,9 +587,9 @@ def train(args) -> dict:
                      "batch": bs, "steps": stage_steps, "seconds": round(time.time() - t_stage, 1),
                      "last_loss": round(loss.item(), 4), "running_token_acc": round(tok_acc, 3)}
             log.append(entry)
-            print(json.dumps(entry), flush=True)
             save_assets(False)
-            if stopped_early:
+            print(json.dumps(entry), flush=True)
+            if stopped_early and not skip_to_cosine(si):
                 break
             continue
         recent = {t: deque(maxlen=args.window) for t in train_tasks}
@@ -562,7 +613,10 @@ def train(args) -> dict:
                 samples.append(make_train_sample(task, seed, n, filler_prob, tail, kk))
             if schedule == "cosine":
                 # progress: by steps, or by the time left when that runs out first
-                progress = max(k / max_steps, (time.time() - t_cos) / cos_seconds)
+                if args.max_steps is not None:
+                    progress = k / cos_steps if cos_steps > 0 else 1.0
+                else:
+                    progress = max(k / max_steps, (time.time() - t_cos) / cos_seconds)
                 if progress >= 1.0:
                     break
                 lr = args.lr * lr_scale * min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -593,7 +647,7 @@ def train(args) -> dict:
             if (schedule == "const" and stage_steps >= min_steps and full
                     and min(accs[t] for t in args.tasks) >= args.advance_acc):
                 break
-            if time.time() > (const_deadline if schedule == "const" else deadline):
+            if out_of_time(schedule):
                 stopped_early = True
                 break
         bar.close()
@@ -602,17 +656,10 @@ def train(args) -> dict:
                  "running_acc": {t: round(a, 3) for t, a in accs.items()},
                  "running_token_acc": {t: round(a, 3) for t, a in tok_accs.items()}}
         log.append(entry)
-        print(json.dumps(entry), flush=True)
         save_assets(False)
-        if stopped_early:
-            print(f"time limit reached in stage {si} ({schedule})", flush=True)
-            if schedule == "cosine":
-                break
-            # skip the remaining const stages, go to the cosine (consolidation) stage if any
-            rest = [x for x in stages[stages.index(si) + 1:] if STAGES[x][-1] == "cosine"]
-            if not rest:
-                break
-            stages[stages.index(si) + 1:] = rest
+        print(json.dumps(entry), flush=True)
+        if stopped_early and (schedule == "cosine" or not skip_to_cosine(si)):
+            break
     info = save_assets(True)
     return info
 

@@ -13,9 +13,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from madakv_vllm.config import AUDIO, IMAGE, POLICIES, TEXT, VIDEO, MadaKVConfig
+from madakv_vllm.config import NUM_MODALITIES
 from madakv_vllm.policies import (
+    FORCED,
     CompressionState,
+    MadaKVPolicy,
     Policy,
+    Ranking,
     apportion,
     make_policy,
     pool_scores,
@@ -963,3 +967,57 @@ def test_mpa_mix_blends_the_modality_split_with_top_k_exactly(hcc_mode):
     no_hcc = make_policy(MadaKVConfig(mpa_mix=0.0, hcc=False)).select_all(q, k, mod, 80)
     one_group = make_policy(MadaKVConfig(mpa=False, hcc=False)).select_all(q, k, mod, 80)
     assert all(torch.equal(a, b) for la, lb in zip(no_hcc, one_group) for a, b in zip(la, lb))
+
+
+@pytest.mark.parametrize("hcc_mode", ["pyramid_uniform", "streamed"])
+def test_mpa_demand_split_follows_the_tokens_each_modality_needs(hcc_mode):
+    """mpa_split "demand": a head's quota per modality follows the fewest tokens covering theta of
+    that modality's mass, not the mass. Text mass on three very high scorers and image mass spread
+    over many tokens: by mass text gets most slots (spent on its low scorers), by demand the image
+    does; both keep exactly L*H*B, and the split is the one apportion gives."""
+    N, W = 300, 8
+    mod = torch.zeros(N, dtype=torch.long)
+    mod[100:250] = IMAGE
+    scores = torch.full((1, N), 1e-4)
+    scores[0, [10, 20, 30]] = 0.2  # text: 60% of the mass on 3 tokens
+    scores[0, 100:250] = 0.3 / 150  # image: 30% spread evenly
+    kept = {}
+    for split in ("mass", "demand"):
+        pol = make_policy(MadaKVConfig(mpa_split=split, hcc_mode=hcc_mode, window=W, theta=0.9))
+        state = pol.begin(num_layers=1, num_kv_heads=1, seq_len=N, modality=mod, budget=100)
+        idx = pol.select_layer_scores(state, 0, scores.clone())[0]
+        assert idx.numel() == 100 and bool((idx[-W:] == torch.arange(N - W, N)).all())
+        kept[split] = int((mod[idx] == IMAGE).sum())
+    ranking = Ranking.of(scores, torch.where(torch.arange(N) >= N - W, FORCED, mod))
+    mass, demand = ranking.mass_and_demand(NUM_MODALITIES, 0.9)
+    caps = torch.bincount(mod[: N - W], minlength=NUM_MODALITIES)
+    assert kept["mass"] == int(apportion(100 - W, mass[0], caps)[IMAGE])
+    assert kept["demand"] == int(apportion(100 - W, demand[0].double(), caps)[IMAGE])
+    assert kept["demand"] > 2 * kept["mass"]
+    with pytest.raises(ValueError, match="mpa_split"):
+        MadaKVConfig(mpa_split="tokens")
+
+
+def test_mpa_capped_split_gives_no_modality_more_than_its_demand_while_another_wants_more():
+    """mpa_split "capped": MPA's mass split, except that a modality's slots beyond its theta-demand
+    go to the other modalities' demand first; the same as MPA's split wherever that split is
+    within every demand, and never below a demand once all demands fit."""
+    pol = MadaKVPolicy(mpa_split="capped")
+    gen = torch.Generator().manual_seed(11)
+    sizes = torch.tensor([300, 200, 0, 0, 32])
+    state = CompressionState(num_layers=1, num_kv_heads=64, seq_len=532, budget=100, modality=torch.zeros(532, dtype=torch.long),
+                             group=torch.zeros(532, dtype=torch.long), group_sizes=sizes, num_forced=32, floor=32,
+                             kept_counts=torch.zeros(1, 64, dtype=torch.long), phi=torch.zeros(1, dtype=torch.float64))
+    g = NUM_MODALITIES
+    mass = torch.rand(64, g, generator=gen, dtype=torch.float64) * (sizes[:g] > 0)
+    demand = torch.minimum(torch.randint(0, 300, (64, g), generator=gen), sizes[:g])
+    total = torch.randint(0, 500, (64,), generator=gen)
+    split = pol._capped_split(state, total, mass, demand)
+    by_mass = apportion(total, mass, sizes[:g].expand(64, g))
+    assert torch.equal(split.sum(1), total) and bool((split <= sizes[:g]).all())
+    tight = total <= demand.sum(1)
+    assert bool((split[tight] <= demand[tight]).all())
+    assert bool((split[~tight] >= demand[~tight]).all())
+    within = (by_mass <= demand).all(1) & tight
+    assert within.any() and torch.equal(split[within], by_mass[within])
+    assert not torch.equal(split, by_mass)

@@ -73,7 +73,7 @@ REGISTRY = {
     "madakv": lambda cfg, common, pooled: MadaKVPolicy(
         **common, scorer=pooled, mpa=cfg.mpa, hcc=cfg.hcc, theta=cfg.theta, min_per_head=cfg.head_floor,
         max_scale=cfg.hcc_max_scale, min_scale=cfg.hcc_min_scale, hcc_mode=cfg.hcc_mode, pyramid_beta=cfg.pyramid_beta,
-        mpa_mix=cfg.mpa_mix),
+        mpa_mix=cfg.mpa_mix, mpa_split=cfg.mpa_split),
 }
 assert set(REGISTRY) == set(POLICIES), "every policy name has exactly one constructor"
 

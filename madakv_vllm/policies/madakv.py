@@ -44,6 +44,7 @@ class MadaKVPolicy(Policy):
     hcc_mode: str = "pyramid_uniform"  # as config.MadaKVConfig
     pyramid_beta: float = 20.0  # pyramid readings: PyramidKV's schedule parameter
     mpa_mix: float = 1.0  # MPA: weight of the modality-mass split against the head's top-k split
+    mpa_split: str = "mass"  # MPA: split by mass, by theta-demand ("demand"), or by mass capped at demand ("capped")
 
     def content_group(self, modality):
         return modality.clone() if self.mpa else torch.zeros_like(modality)
@@ -127,8 +128,22 @@ class MadaKVPolicy(Policy):
 
     def _modality_split(self, state, ranking: Ranking, total: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         """[H, G]: each head's ``total`` non-forced slots over modalities: MPA's split by attention
-        mass, blended (``mpa_mix`` < 1) with the modalities of the head's own ``total`` best tokens."""
-        split = self._split(state, total, mass)
+        mass; or (``mpa_split``) by the tokens each modality needs to cover theta of its mass
+        ("demand"), or by mass with each modality capped at that demand while another is short
+        ("capped"); blended (``mpa_mix`` < 1) with the modalities of the head's own ``total`` best
+        tokens.
+
+        Why the demand readings exist: a modality whose mass sits on a few high scorers gets, by
+        mass, more slots than those tokens, spent on its low scorers, while a modality with less
+        but spread mass is cut below tokens that outscore them (docs/method.md, "MPA")."""
+        if self.mpa_split == "demand":
+            split = self._split(state, total, ranking.mass_and_demand(mass.shape[1], self.theta)[1].double())
+        elif self.mpa_split == "capped":
+            split = self._capped_split(state, total, mass, ranking.mass_and_demand(mass.shape[1], self.theta)[1])
+        elif self.mpa_split == "mass":
+            split = self._split(state, total, mass)
+        else:
+            raise ValueError(f"unknown mpa_split {self.mpa_split!r}")
         if self.mpa_mix >= 1.0 or not self.mpa:
             return split
         g = mass.shape[1]
@@ -137,6 +152,18 @@ class MadaKVPolicy(Policy):
         topk = torch.stack([(best & (ranking.group == m)).sum(1) for m in range(g)], dim=1).cpu()
         weight = self.mpa_mix * split.double() + (1.0 - self.mpa_mix) * topk.double()
         return apportion(total, weight, state.group_sizes[:g].expand(mass.shape[0], g))
+
+    def _capped_split(self, state, total: torch.Tensor, mass: torch.Tensor, demand: torch.Tensor) -> torch.Tensor:
+        """[H, G]: MPA's split by mass, with no modality given more slots than its theta-demand
+        while another still wants more: the slots a modality's mass would spend on its low
+        scorers go to the other modality's demand first; once every demand is met, the rest is
+        split by mass again."""
+        g = mass.shape[1]
+        size = state.group_sizes[:g].expand(mass.shape[0], g)
+        demand = torch.minimum(demand, size)
+        need = demand.sum(1)
+        within = apportion(torch.minimum(total, need), mass, demand)
+        return within + apportion((total - need).clamp_min(0), mass, size - within)
 
     @staticmethod
     def _layer_counts(state: CompressionState, layer: int, want: torch.Tensor, max_scale: float = float("inf"),
