@@ -14,7 +14,11 @@ so the plugin does it while the MADAKV backend is selected (the wrappers are in 
 * ``InputProcessor.process_inputs`` submits them when it builds the engine request (which goes to
   P1, and P1 stores the data), and rolls them back when it raises;
 * a request scope (one HTTP request; one offline ``LLM`` call) rolls back what it rendered and
-  never submitted: before an error response starts, and when the scope ends.
+  never submitted: before an error response starts, and when the scope ends;
+* a render whose request is cancelled while it runs (the client disconnected; the renderer's
+  thread goes on) is rolled back when it finishes (``roll_back_finished``). Without this the
+  soak's client aborts left an image in P0's cache only, now and then, and the next request with
+  it got HTTP 500.
 
 A rollback removes only entries the rejected request added, so P0's keys again equal P1's. It runs
 on the renderer's multimodal thread, the one that updates the cache. (The rejected request also
@@ -86,6 +90,17 @@ class RequestScope:
         for renderer, hashes in by_renderer.values():
             _invalidate(renderer, hashes)
         return sum(len(h) for _, h in by_renderer.values())
+
+
+def roll_back_finished(renderer, render, skip_mm_cache: bool) -> None:
+    """Done-callback of a render whose request was cancelled while it ran (the renderer's thread
+    cannot be stopped): remove the sender-cache entries it added, which P1 will never receive."""
+    if render.cancelled() or render.exception() is not None or skip_mm_cache:
+        return
+    if _rolls_back(renderer.mm_processor_cache):
+        hashes = added_entries(render.result())
+        if hashes:
+            _invalidate(renderer, hashes)
 
 
 def _invalidate(renderer, hashes: list[str]) -> None:

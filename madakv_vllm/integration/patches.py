@@ -13,7 +13,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``CpuPlatform`` / ``CudaPlatformBase.check_and_update_config`` | validate our config at startup; page size, prefix caching, async scheduling, CUDA graphs |
 | ``VllmConfig._get_v2_model_runner_unsupported_features`` | madakv needs the V1 model runner: vLLM then chooses it |
 | ``InputProcessor._validate_params`` | HTTP 400 for a bad ``madakv_*`` request argument |
-| ``BaseRenderer._process_tokens`` / ``_process_tokens_async`` | note the multimodal sender-cache entries a rendered request added (``mm_cache.py``) |
+| ``BaseRenderer._process_tokens`` / ``_process_tokens_async`` | note the multimodal sender-cache entries a rendered request added (``mm_cache.py``); roll back those of a render whose request was cancelled while it ran |
 | ``InputProcessor.process_inputs`` | submit them with the engine request, or roll them back when it is rejected; HTTP 400 for a request that cannot fit the KV pool (``plugin.check_fits_pool``) |
 | ``OfflineInferenceMixin._render_and_add_requests`` | one rollback scope per offline ``LLM`` call |
 | ``vllm.entrypoints.launchers.app.init_entrypoints_middleware`` | one rollback scope per HTTP request (ASGI middleware) |
@@ -176,8 +176,22 @@ def _process_tokens(orig):
 
 
 def _process_tokens_async(orig):
+    """The render runs on the renderer's multimodal thread, which a cancelled request (the client
+    went away) cannot stop: the entries it adds are then rolled back once it finishes, as a
+    rejected request's are, instead of being left in the sender cache only."""
+    import asyncio
+
+    from madakv_vllm.integration import mm_cache, plugin
+
     async def wrapper(self, prompt, *args, skip_mm_cache: bool = False, **kwargs):
-        engine_input = await orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs)
+        if not plugin.selected_in(self.config):
+            return await orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs)
+        render = asyncio.ensure_future(orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs))
+        try:
+            engine_input = await asyncio.shield(render)
+        except asyncio.CancelledError:
+            render.add_done_callback(lambda done: mm_cache.roll_back_finished(self, done, skip_mm_cache))
+            raise
         _note_rendered(self, engine_input, skip_mm_cache)
         return engine_input
 
