@@ -122,11 +122,12 @@ class MadaKVPolicy(Policy):
         else:
             counts = self._layer_counts(state, layer, raw.clamp(state.floor, n), self.max_scale, self.min_scale)
         quota[:, :groups] = torch.where(
-            (counts == raw)[:, None], demand, self._modality_split(state, ranking, counts - f, mass)
+            (counts == raw)[:, None], demand, self._modality_split(state, ranking, counts - f, mass, demand)
         )
         return quota
 
-    def _modality_split(self, state, ranking: Ranking, total: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    def _modality_split(self, state, ranking: Ranking, total: torch.Tensor, mass: torch.Tensor,
+                        demand: torch.Tensor | None = None) -> torch.Tensor:
         """[H, G]: each head's ``total`` non-forced slots over modalities: MPA's split by attention
         mass; or (``mpa_split``) by the tokens each modality needs to cover theta of its mass
         ("demand"), or by mass with each modality capped at that demand while another is short
@@ -136,10 +137,12 @@ class MadaKVPolicy(Policy):
         Why the demand readings exist: a modality whose mass sits on a few high scorers gets, by
         mass, more slots than those tokens, spent on its low scorers, while a modality with less
         but spread mass is cut below tokens that outscore them (docs/method.md, "MPA")."""
+        if self.mpa_split in ("demand", "capped") and demand is None:  # HCC's quotas pass theirs
+            demand = ranking.mass_and_demand(mass.shape[1], self.theta)[1]
         if self.mpa_split == "demand":
-            split = self._split(state, total, ranking.mass_and_demand(mass.shape[1], self.theta)[1].double())
+            split = self._split(state, total, demand.double())
         elif self.mpa_split == "capped":
-            split = self._capped_split(state, total, mass, ranking.mass_and_demand(mass.shape[1], self.theta)[1])
+            split = self._capped_split(state, total, mass, demand)
         elif self.mpa_split == "mass":
             split = self._split(state, total, mass)
         else:
