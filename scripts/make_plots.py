@@ -6,7 +6,8 @@
 Reads whichever of these exist in ``--data`` (copies of the files the benchmarks write to
 models/, committed so the plots can be redrawn):
 
-* ``proxy-eval.json``   (scripts/eval_proxy.py)    -> accuracy_vs_budget.png
+* ``proxy-eval-r4.json`` (scripts/eval_proxy.py, proxy v1 test split) -> accuracy_vs_budget.png
+* ``proxy-eval-v2-r7.json`` (scripts/eval_proxy.py, proxy v2 test split) -> accuracy_vs_budget_v2.png
 * ``bench_decode.json`` (scripts/bench_decode.py)  -> memory_decode_vs_budget.png
 * ``bench_serve.json``  (scripts/bench_serve.py)   -> capacity_vs_budget.png
 """
@@ -43,8 +44,9 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def plot_accuracy(data: dict, out: Path, plt) -> Path:
-    """Per-token accuracy per task, then agreement with and KL to the full cache (mean over tasks)."""
+def plot_accuracy(data: dict, out: Path, plt, name: str = "accuracy_vs_budget.png") -> Path:
+    """Mean exact match, per-token accuracy per task, then agreement with and KL to the full cache
+    (mean over tasks)."""
     table = data["table"]
     tasks = sorted({t for row in table.values() for t in row["tasks"]})
     full = next((r for r in table.values() if r["policy"] == "full"), None)
@@ -53,7 +55,8 @@ def plot_accuracy(data: dict, out: Path, plt) -> Path:
     def mean(r, k):
         return sum(r["tasks"][t][k] for t in tasks) / len(tasks)
 
-    panels = [(f"{t}: per-token accuracy", lambda r, t=t: r["tasks"][t]["tok"], (0, None)) for t in tasks]
+    panels = [("exact match, mean over tasks", lambda r: r["mean_acc"], (-0.02, 1.02))]
+    panels += [(f"{t}: per-token accuracy", lambda r, t=t: r["tasks"][t]["tok"], (0, None)) for t in tasks]
     panels += [("answer = full cache's (agree)", lambda r: mean(r, "agree"), (-0.02, 1.02)),
                ("KL(full || policy), answer steps", lambda r: mean(r, "kl"), (0, None))]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.9))
@@ -73,9 +76,10 @@ def plot_accuracy(data: dict, out: Path, plt) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(*ylim)
     axes[-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Proxy VLM through vLLM, {data.get('n_per_task', '?')} prompts per task: "
+    fig.suptitle(f"Proxy VLM {Path(data.get('model', '?')).name} through vLLM, split "
+                 f"{data.get('split', '?')}, {data.get('n_per_task', '?')} prompts per task: "
                  "answers vs budget per policy")
-    return _save(fig, out / "accuracy_vs_budget.png", plt)
+    return _save(fig, out / name, plt)
 
 
 def plot_decode(data: dict, out: Path, plt) -> Path:
@@ -134,8 +138,9 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     made = []
-    for name, fn in (("proxy-eval.json", plot_accuracy), ("bench_decode.json", plot_decode),
-                     ("bench_serve.json", plot_capacity)):
+    plot_accuracy_v2 = lambda data, out, plt: plot_accuracy(data, out, plt, "accuracy_vs_budget_v2.png")  # noqa: E731
+    for name, fn in (("proxy-eval-r4.json", plot_accuracy), ("proxy-eval-v2-r7.json", plot_accuracy_v2),
+                     ("bench_decode.json", plot_decode), ("bench_serve.json", plot_capacity)):
         src = args.data / name
         if src.exists():
             made.append(fn(json.loads(src.read_text()), args.out, plt))

@@ -98,55 +98,37 @@ Deterministic: model init from ``--seed``, training samples and task draws from
 Proxy v2 (``--geometry v2``; assets scripts/assets/proxy_vlm2/, 4.61 M parameters, 8.8 MiB in
 float16). Trained on the four tasks of proxy_tasks.ALL_TASKS (the labelled-image task: 1-4
 labels asked in training, ``TRAIN_LABELS_ASKED``, 3 in eval) plus COPY_TASK, with the same
-STAGES and induction warm-up, from scratch, then a short consolidation; CPU, 1 thread, on a
-machine whose other core was busy with other jobs (load 2.5-4.5 on 2 cores) the whole time:
+STAGES and induction warm-up, from scratch, in one step-based run:
 
-    .venv/bin/python scripts/train_proxy_vlm.py --geometry v2 --max-minutes 85 --cosine-minutes 20 \
-        --check-per-task 40 --assets /tmp/v2runA --out /tmp/v2runA_model
-    .venv/bin/python scripts/train_proxy_vlm.py --geometry v2 --init-from /tmp/v2runA --stages 6 \
-        --lr 1e-3 --max-minutes 10 --cosine-minutes 10 --check-per-task 40 \
-        --assets /tmp/v2runB --out /tmp/v2runB_model   # then: cp /tmp/v2runB/* scripts/assets/proxy_vlm2/
+    .venv/bin/python scripts/train_proxy_vlm.py --geometry v2 --max-steps 1514 --cosine-steps 200 \
+        --check-per-task 40 --assets /tmp/v2A --out /tmp/v2A_model   # then: cp /tmp/v2A/* scripts/assets/proxy_vlm2/
 
-First run: 85 min (5,104 s, 1,489 steps): induction warm-up 399 steps (1,150 s, token accuracy
-0.95), stages 1-3 advanced after 389, 268 and 245 steps (1,087, 589 and 1,029 s), stage 4 was cut
-by the time limit after 13 steps and stage 5 skipped, and the cosine stage ran 175 steps in its
-20 min. Held-out check (40/task): exact match text 0.975, image 1.00, comparison 0.875, labelled
-0.975. Second run (its log is ``previous_phases`` in proxy_vlm.json): a second cosine stage,
-peak learning rate 5e-4, 89 steps in 10 min (605 s). Total 95 min of training (98 min with the
-checks). Held-out check of the committed weights (teacher forcing, full attention, rebuilt fp16
-weights, "check" split, 24-64 images), exact match / per-token:
-
-* 40 per task (in proxy_vlm.json): text needle 1.00 / 1.00, image needle 1.00 / 1.00,
-  comparison 1.00 / 1.00, labelled images 0.95 / 0.992;
-* 100 per task (``--geometry v2 --rebuild-only --check-per-task 100``, by hand): 1.00 / 1.00,
-  0.99 / 0.998, 0.96 / 0.987, 0.95 / 0.992;
-* on the "eval" split (the prompts scripts/eval_proxy.py scores; by hand), 40 per task:
-  0.975 / 0.996, 1.00 / 1.00, 0.875 / 0.958, 0.875 / 0.979; through vLLM with the full cache
-  (madakv backend, policy full), 10 per task: exact 1.0, 1.0, 0.8, 0.8 -- the same as HF on those
-  10 prompts. So v2 does not fully solve the comparison and labelled-image tasks: ~4-12% of their
-  answers have a wrong token (a misread colour, or the wrong same/not), against 0 for v1. These
-  extra checks are ``additional_checks`` in proxy_vlm.json.
+``--max-steps S --cosine-steps C`` replaces both time limits: the const stages stop after S - C
+steps of the run, and the cosine stage decays its learning rate over its C steps, so nothing
+depends on the machine's speed; every stage's log entry records the sha256 of the fp16 weights
+after it (``weights_sha256``), so a rerun can be compared stage by stage. The committed run
+(December 2026, CPU, 1 thread, 2-core machine, a second run of the same command on the other
+core the whole time): 1,514 steps in 5,921 s (99 min; 98 min for the second run): induction
+warm-up 399 steps (1,269 s, token accuracy 0.95), stages 1-3 advanced after 389, 268 and 245
+steps (1,131, 634 and 1,167 s), stage 4 was cut by the step limit after 13 steps (so
+``stopped_early`` is true; the cut is by steps, not time), stage 5 skipped, and the cosine stage
+ran its 200 steps (1,662 s). The second run (``reruns`` in proxy_vlm.json) gave the same sha256
+after every stage, the final weights included: the recipe is bit-reproducible on this machine.
+Held-out check (teacher forcing, full attention, rebuilt fp16 weights, "check" split, 24-64
+images, 40 per task, in proxy_vlm.json), exact match: text needle 1.00, image needle 0.975,
+comparison 0.925, labelled images 0.925 (per-token 1.00 / 0.994 / 0.967 / 0.987), so v2 does not
+fully solve the comparison and labelled-image tasks, as its time-limited predecessor did not.
 
 ``--window-check 32`` (on by default for v2): the same check with the answer steps restricted to
 4 sink tokens, the last 32 prompt tokens and the answer so far (everything else evicted after a
-full-attention prefill): exact match 0.00, 0.00, 0.05, 0.00 (40/task; answer tokens 2..K
-right: 0.015, 0.12, 0.39 -- chance for the comparison's same/not --, 0.065), i.e. the answers
-are read from the cache at decode time, not precomputed in the window. Not bit-reproducible on
-another machine: both runs were stopped by their time limits (``stopped_early`` true; the
-cosine stage decays its learning rate by wall time), so a rerun stops at other steps.
+full-attention prefill): exact match 0.00, 0.00, 0.05, 0.00 (answer tokens 2..K right: 0.005,
+0.12, 0.53 -- about chance for the comparison's same/not --, 0.03), i.e. the answers are read
+from the cache at decode time, not precomputed in the window.
 
-Reproducible by steps: ``--max-steps S [--cosine-steps C]`` replaces both time limits (the
-const stages stop after S - C steps of this run, the cosine stage decays over its C steps), so
-nothing depends on the machine's speed, and every stage's log entry records the sha256 of the
-fp16 weights after it (``weights_sha256``): a rerun can be compared stage by stage. Two
-concurrent runs of ``--geometry v2 --max-steps 10 --cosine-steps 3`` (the induction warm-up cut
-at 7 steps, then 3 cosine steps) gave the same sha256 after each stage; a short check, not of
-the whole recipe. The v2 recipe in one run would be
-``--geometry v2 --max-steps 1514 --cosine-steps 200`` (1,314 const steps as the first run above,
-one 200-step cosine stage); on this machine in December 2026 it ran at ~5 s per warm-up step
-alone (2.9 s in the first run), which puts the run at well over 2 hours (an extrapolation from
-the first run's per-stage times), so it has not been run to the end and the
-committed v2 assets are still those of the time-limited runs above.
+The assets before these (sha256 1751c981...; the v2 results of earlier sessions in
+docs/results.md were measured on them) came from two time-limited runs, ``--geometry v2
+--max-minutes 85 --cosine-minutes 20`` then a 10-minute second cosine stage from it, which
+stopped on their time limits and so could not be rerun bit for bit.
 """
 
 from __future__ import annotations
