@@ -44,7 +44,7 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def plot_accuracy(data: dict, out: Path, plt, name: str = "accuracy_vs_budget.png") -> Path:
+def plot_accuracy(data: dict, out: Path, plt, png: str = "accuracy_vs_budget.png") -> Path:
     """Mean exact match, per-token accuracy per task, then agreement with and KL to the full cache
     (mean over tasks)."""
     table = data["table"]
@@ -79,7 +79,7 @@ def plot_accuracy(data: dict, out: Path, plt, name: str = "accuracy_vs_budget.pn
     fig.suptitle(f"Proxy VLM {Path(data.get('model', '?')).name} through vLLM, split "
                  f"{data.get('split', '?')}, {data.get('n_per_task', '?')} prompts per task: "
                  "answers vs budget per policy")
-    return _save(fig, out / name, plt)
+    return _save(fig, out / png, plt)
 
 
 def plot_decode(data: dict, out: Path, plt) -> Path:
