@@ -138,12 +138,12 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     made = []
-    plot_accuracy_v2 = lambda data, out, plt: plot_accuracy(data, out, plt, "accuracy_vs_budget_v2.png")  # noqa: E731
-    for name, fn in (("proxy-eval-r4.json", plot_accuracy), ("proxy-eval-v2-r7.json", plot_accuracy_v2),
-                     ("bench_decode.json", plot_decode), ("bench_serve.json", plot_capacity)):
+    for name, fn, extra in (("proxy-eval-r4.json", plot_accuracy, ()),
+                            ("proxy-eval-v2-r7.json", plot_accuracy, ("accuracy_vs_budget_v2.png",)),
+                            ("bench_decode.json", plot_decode, ()), ("bench_serve.json", plot_capacity, ())):
         src = args.data / name
         if src.exists():
-            made.append(fn(json.loads(src.read_text()), args.out, plt))
+            made.append(fn(json.loads(src.read_text()), args.out, plt, *extra))
         else:
             print(f"skip: {src} not found")
     for p in made:
