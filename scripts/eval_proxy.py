@@ -115,6 +115,10 @@ def parse_args(argv=None):
     p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
                    help="only print markdown tables (exact match per policy x budget, paired intervals) of "
                         "earlier --out files; runs no model")
+    p.add_argument("--pooled", action="store_true",
+                   help="with --report: also each policy's mean exact match over every file and budget "
+                        "(the dev splits' selection rule), with a paired bootstrap interval of --reference "
+                        "minus the policy")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="combine earlier --out files of the same prompts (same model, split, seed, prompts per "
                         "task; the full cache's answers must match exactly) into --out, with paired intervals "
@@ -267,6 +271,41 @@ def paired_intervals(samples, table, reference: str, resamples: int, seed: int =
     return out
 
 
+def pooled_means(reports: list[dict], sample_tasks: list[list[str]], reference: str, resamples: int,
+                 seed: int = 0) -> dict:
+    """Over several runs (e.g. both proxies' dev splits), for every policy with a row at every
+    budget of every run: its mean exact match averaged over all (run, budget) cells equally, and
+    ``reference`` minus it, with a 95% paired bootstrap interval (each run's prompts resampled
+    within each task, one resample per run shared by its budgets and by both policies).
+    ``sample_tasks[r][i]``: the task of prompt i of run r, in ``acc_per_sample`` order."""
+    import random
+
+    cells = [(r, b) for r, rep in enumerate(reports) for b in rep["budgets"]]
+    names = [n for n in dict.fromkeys(row["policy"] for rep in reports for row in rep["table"].values()
+                                      if row["budget"] is not None)
+             if all(f"{n}@{b}" in reports[r]["table"] for r, b in cells)]
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} lacks a row at some budget of some run")
+    by_task = [{t: [i for i, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))} for tasks in sample_tasks]
+    rng = random.Random(seed)
+    draws = [[{t: [rng.choice(ix) for _ in ix] for t, ix in bt.items()} for bt in by_task] for _ in range(resamples)]
+
+    def mean(name, picks):  # picks[r]: task -> prompt indices
+        total = 0.0
+        for r, b in cells:
+            acc = reports[r]["table"][f"{name}@{b}"]["acc_per_sample"]
+            total += sum(sum(acc[i] for i in ix) / len(ix) for ix in picks[r].values()) / len(picks[r])
+        return total / len(cells)
+
+    ref_draws = [mean(reference, d) for d in draws]
+    out = {}
+    for name in names:
+        diffs = sorted(r - mean(name, d) for r, d in zip(ref_draws, draws))
+        out[name] = {"mean": mean(name, by_task), "diff": mean(reference, by_task) - mean(name, by_task),
+                     "ci95": [diffs[int(0.025 * len(diffs))], diffs[int(0.975 * len(diffs)) - 1]] if diffs else None}
+    return out
+
+
 def _mcnemar_exact(b: int, c: int) -> float:
     n = b + c
     if n == 0:
@@ -377,7 +416,9 @@ def merge_runs(args) -> dict:
     first = runs[0]
     for path, run in zip(args.merge[1:], runs[1:]):
         for key in ("model", "split", "seed", "tasks", "n_per_task", "images"):
-            if run[key] != first[key]:
+            same = (Path(run[key]).name == Path(first[key]).name if key == "model"  # run from another checkout
+                    else run[key] == first[key])
+            if not same:
                 sys.exit(f"{path}: {key} {run[key]!r} differs from {args.merge[0]}'s {first[key]!r}")
         if run["table"]["full@None"]["acc_per_sample"] != first["table"]["full@None"]["acc_per_sample"]:
             sys.exit(f"{path}: the full cache answered differently: not the same prompts or model")
@@ -406,8 +447,19 @@ def main(argv=None) -> None:
         print(f"\nwrote {args.out}")
         return
     if args.report:
-        for path in args.report:
-            print(f"### {path}\n\n" + markdown_report(json.loads(path.read_text())) + "\n")
+        reports = [json.loads(path.read_text()) for path in args.report]
+        for path, report in zip(args.report, reports):
+            print(f"### {path}\n\n" + markdown_report(report) + "\n")
+        if args.pooled:
+            tasks = [[s.task for s in pt.make_dataset(tuple(r["tasks"]), r["n_per_task"], tuple(r["images"]),
+                                                      split=r["split"], base_seed=r["seed"])] for r in reports]
+            pooled = pooled_means(reports, tasks, args.reference, args.bootstrap)
+            print(f"### mean over {sum(len(r['budgets']) for r in reports)} (file, budget) cells; "
+                  f"{args.reference} minus the policy, 95% paired bootstrap interval\n")
+            print("| policy | mean | difference |\n|---|---:|---:|")
+            for name, d in sorted(pooled.items(), key=lambda kv: -kv[1]["mean"]):
+                ci = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else ""
+                print(f"| {name} | {d['mean']:.4f} | {d['diff']:+.4f}{ci} |")
         return
     import torch
 
