@@ -264,7 +264,7 @@ def paired_intervals(samples, table, reference: str, resamples: int, seed: int =
         only_other = sum(y > x for x, y in zip(a, c))
         out[key] = {
             "reference": f"{reference}@{b}", "diff": mean_acc(a, by_task) - mean_acc(c, by_task),
-            "ci95": [diffs[int(0.025 * len(diffs))], diffs[int(0.975 * len(diffs)) - 1]] if diffs else None,
+            "ci95": _ci95(diffs),
             "only_reference_right": only_ref, "only_other_right": only_other,
             "mcnemar_p": _mcnemar_exact(only_ref, only_other),
         }
@@ -302,8 +302,20 @@ def pooled_means(reports: list[dict], sample_tasks: list[list[str]], reference: 
     for name in names:
         diffs = sorted(r - mean(name, d) for r, d in zip(ref_draws, draws))
         out[name] = {"mean": mean(name, by_task), "diff": mean(reference, by_task) - mean(name, by_task),
-                     "ci95": [diffs[int(0.025 * len(diffs))], diffs[int(0.975 * len(diffs)) - 1]] if diffs else None}
+                     "ci95": _ci95(diffs)}
     return out
+
+
+def _ci95(sorted_diffs: list[float]) -> list[float] | None:
+    """The 2.5th and 97.5th percentiles of sorted bootstrap differences (None without resamples)."""
+    n = len(sorted_diffs)
+    return [sorted_diffs[int(0.025 * n)], sorted_diffs[int(0.975 * n) - 1]] if n else None
+
+
+def report_samples(report: dict) -> list:
+    """The prompts an --out file was run on, in ``acc_per_sample`` order."""
+    return pt.make_dataset(tuple(report["tasks"]), report["n_per_task"], tuple(report["images"]),
+                           split=report["split"], base_seed=report["seed"])
 
 
 def _mcnemar_exact(b: int, c: int) -> float:
@@ -429,8 +441,7 @@ def merge_runs(args) -> dict:
             if key in table and table[key]["acc_per_sample"] != row["acc_per_sample"]:
                 print(f"{path}: {key} answered differently than in an earlier file (kept the earlier one)")
             table.setdefault(key, row)
-    samples = pt.make_dataset(tuple(first["tasks"]), first["n_per_task"], tuple(first["images"]),
-                              split=first["split"], base_seed=first["seed"])
+    samples = report_samples(first)
     budgets = sorted({b for run in runs for b in run["budgets"]}, reverse=True)
     policies = list(dict.fromkeys(p for run in runs for p in run["policies"]))
     return {**first, "variants": variants, "budgets": budgets, "policies": policies, "merged_from": [str(p) for p in args.merge],
@@ -451,8 +462,7 @@ def main(argv=None) -> None:
         for path, report in zip(args.report, reports):
             print(f"### {path}\n\n" + markdown_report(report) + "\n")
         if args.pooled:
-            tasks = [[s.task for s in pt.make_dataset(tuple(r["tasks"]), r["n_per_task"], tuple(r["images"]),
-                                                      split=r["split"], base_seed=r["seed"])] for r in reports]
+            tasks = [[s.task for s in report_samples(r)] for r in reports]
             pooled = pooled_means(reports, tasks, args.reference, args.bootstrap)
             print(f"### mean over {sum(len(r['budgets']) for r in reports)} (file, budget) cells; "
                   f"{args.reference} minus the policy, 95% paired bootstrap interval\n")
