@@ -17,6 +17,7 @@ from vllm import envs
 from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import CpuArchEnum, current_platform
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -27,12 +28,58 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from madakv_vllm.integration import per_head
+from madakv_vllm.integration.block_layout import LayoutError, kernel_layout
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import FlatKVCache
 from madakv_vllm.integration.plugin import server_config
 
 logger = logging.getLogger("vllm.madakv")
 
+
+def cpu_description() -> str:
+    """This machine's CPU model, and whether it has AMX tiles (vLLM's bf16 ISA choice hangs on it)."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({'with' if torch.cpu._is_amx_tile_supported() else 'without'} AMX tiles)"
+
+
+def portable_isa(block_size: int, head_size: int) -> str:
+    """The ISA vLLM 0.32 picks on an x86 CPU without AMX (``_get_attn_isa``): the fallback."""
+    return "vec16" if block_size % 32 or (head_size % 32 and head_size % 16 == 0) else "vec"
+
+
+def readable_isa(isa: str, dtype: torch.dtype, block_size: int, head_size: int, kv_cache_dtype: str) -> str:
+    """``isa`` if compaction can read its KV layout back (block_layout.probe), else the portable
+    x86 ISA if that one reads back (with a WARNING naming both and the CPU); else startup stops,
+    naming the ISA, the dtype and the CPU. Runs while the engine starts, before any request."""
+    try:
+        layout = kernel_layout(isa, block_size, head_size, dtype, kv_cache_dtype)
+    except LayoutError as e:
+        failure = e
+    else:
+        logger.info("madakv: CPU attention ISA %r (%s, block size %d, head size %d) on %s; KV layout read "
+                    "back from vLLM's writer: %s", isa, dtype, block_size, head_size, cpu_description(),
+                    layout.description)
+        return isa
+    fallback = portable_isa(block_size, head_size)
+    if fallback != isa and current_platform.get_cpu_architecture() == CpuArchEnum.X86:
+        try:
+            kernel_layout(fallback, block_size, head_size, dtype, kv_cache_dtype)
+        except LayoutError:
+            pass
+        else:
+            logger.warning("madakv: vLLM chose CPU attention ISA %r for %s on %s, but its KV layout does not read "
+                           "back (%s); using ISA %r, whose layout does", isa, dtype, cpu_description(), failure,
+                           fallback)
+            return fallback
+    raise LayoutError(f"--attention-backend madakv cannot run CPU attention ISA {isa!r} with {dtype} on "
+                      f"{cpu_description()}: {failure}. Serve without madakv, or try another --dtype")
 
 
 class MadaKVCPUBackend(CPUAttentionBackend):
@@ -87,6 +134,10 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.runner = per_head.hooked_runner(type(self).__name__)
+        isa = readable_isa(self.isa, self.dtype, self.block_size, self.head_dim, self.kv_cache_dtype)
+        if isa != self.isa:
+            self.isa = isa
+            self._set_isa_to_layers(layer_names)  # the layers' writer and kernel use it too
         self._layers = sorted(layer_names, key=extract_layer_index)
         self.state = WorkerKV(
             server_config(vllm_config), self._layers, self.num_kv_heads, self.num_heads, self.head_dim, self.block_size

@@ -7,14 +7,15 @@ sub-block ``(layer_slot*NB + page)*H + head``. The stock kernels accept that vie
 with ``num_kv_heads=1``; any (layer, head) may own any sub-block of its request's
 pages, which lets retained KV be packed across layers.
 
-Writes go through the kernel's own writer. Reads need the ISA's block interior
-layout, which is probed once against the writer: an unknown layout fails loudly.
+Writes go through the kernel's own writer; reads go through the layout that writer was
+seen to use (block_layout.py), probed at engine startup.
 """
 
 from __future__ import annotations
 
 import torch
-from vllm import _custom_ops as ops
+
+from madakv_vllm.integration.block_layout import BlockLayout, kernel_layout, kernel_writer
 
 
 class FlatKVCache:
@@ -46,11 +47,11 @@ class FlatKVCache:
             storage_offset=base,
         )
         self.key, self.value = self.flat.chunk(2, dim=2)
-        self.rows = self.flat.view(self.num_subblocks, 2 * bs * self.head_size)
-        self.k_transposed = self._key_layout(c0.dtype)
+        self.layout = self._layout(c0.dtype)
+        self._write = kernel_writer(isa, kv_cache_dtype)
 
-    def _key_layout(self, dtype) -> bool:
-        return probe_key_layout(self.isa, self.block_size, self.head_size, dtype, self.kv_cache_dtype)
+    def _layout(self, dtype) -> BlockLayout | None:
+        return kernel_layout(self.isa, self.block_size, self.head_size, dtype, self.kv_cache_dtype)
 
     def subblock(self, layer: int, page: torch.Tensor | int, head: torch.Tensor | int):
         """Flat sub-block id of (layer, page, head)."""
@@ -59,64 +60,11 @@ class FlatKVCache:
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [n, D]; slots: flat slot = subblock * bs + offset. Unquantized caches only
         (plugin.configure_engine refuses the others), so the scales are 1."""
-        ops.cpu_attn_reshape_and_cache(
-            k.unsqueeze(1),
-            v.unsqueeze(1),
-            self.key,
-            self.value,
-            slots,
-            self.isa,
-            k_scale=1.0,
-            v_scale=1.0,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+        self._write(k.unsqueeze(1), v.unsqueeze(1), self.key, self.value, slots)
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ([n, D] each) stored at flat slots."""
-        return read_entries(self.rows, slots, self.block_size, self.head_size, self.k_transposed)
-
-
-def read_entries(rows: torch.Tensor, slots: torch.Tensor, bs: int, d: int, k_transposed: bool):
-    sb, off = slots // bs, slots % bs
-    k_area, v_area = rows[:, : bs * d], rows[:, bs * d :]
-    if k_transposed:
-        k = k_area.view(-1, d, bs)[sb, :, off]
-    else:
-        k = k_area.view(-1, bs, d)[sb, off]
-    v = v_area.view(-1, bs, d)[sb, off]
-    return k, v
-
-
-_LAYOUTS: dict[tuple, bool] = {}
-
-
-def probe_key_layout(isa: str, bs: int, d: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> bool:
-    """Write known entries with the kernel and find the reader that gets them back.
-
-    Returns True when K is stored transposed per (block, head) ([D, bs], the "vec"
-    ISA), False when plain ([bs, D]). Raises if neither reads back exactly.
-    """
-    key = (isa, bs, d, dtype, kv_cache_dtype)
-    if key in _LAYOUTS:
-        return _LAYOUTS[key]
-    gen = torch.Generator().manual_seed(0)
-    n_sub = 3
-    flat = torch.zeros(n_sub, 1, 2 * bs, d, dtype=dtype)
-    kc, vc = flat.chunk(2, dim=2)
-    slots = torch.tensor([0, 1, bs - 1, bs + 3, 2 * bs + bs // 2, 3 * bs - 1])
-    k = torch.randn(len(slots), 1, d, generator=gen).to(dtype)
-    v = torch.randn(len(slots), 1, d, generator=gen).to(dtype)
-    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_cache_dtype)
-    rows = flat.view(n_sub, 2 * bs * d)
-    for transposed in (True, False):
-        rk, rv = read_entries(rows, slots, bs, d, transposed)
-        if torch.equal(rk, k[:, 0]) and torch.equal(rv, v[:, 0]):
-            _LAYOUTS[key] = transposed
-            return transposed
-    raise RuntimeError(
-        f"madakv: unknown KV block layout for CPU attention ISA {isa!r} (dtype {dtype}); "
-        "compaction cannot read entries back. Please report this with your CPU model."
-    )
+        return self.layout.read(self.flat, slots)
 
 
 class TorchFlatKVCache(FlatKVCache):
@@ -129,8 +77,8 @@ class TorchFlatKVCache(FlatKVCache):
         self.key4, self.value4 = self.key.transpose(1, 2), self.value.transpose(1, 2)
         self.entries = self.flat.view(self.num_subblocks * 2 * self.block_size, self.head_size)
 
-    def _key_layout(self, dtype) -> bool:
-        return False
+    def _layout(self, dtype) -> None:
+        return None  # entries are moved with torch indexing below
 
     def _rows(self, slots: torch.Tensor) -> torch.Tensor:
         slots = slots.to(self.flat.device, torch.long)
