@@ -148,14 +148,18 @@ def test_kv_cache_allocation_is_one_layer_major_buffer():
 
 
 @needs_cpu_build
-def test_block_layout_reads_back_for_this_isa():
+@pytest.mark.parametrize("head_size", [64, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_layout_reads_back_for_the_isa_vllm_picks_here(dtype, head_size):
+    """The ISA vLLM picks on this CPU (``amx`` in bf16 where there are AMX tiles) is probed and
+    reads back (tests/test_block_layout.py covers every ISA and layout)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from madakv_vllm.integration.paged import probe_key_layout
+    from madakv_vllm.integration.block_layout import kernel_layout
 
-    for dtype in (torch.float32, torch.bfloat16):
-        isa = _get_attn_isa(dtype, 32, 64)
-        assert probe_key_layout(isa, 32, 64, dtype) in (True, False)
+    isa = _get_attn_isa(dtype, 32, head_size)
+    layout = kernel_layout(isa, 32, head_size, dtype)
+    assert layout.isa == isa and layout.key_index.shape == (32, head_size)
 
 
 @needs_cpu_build

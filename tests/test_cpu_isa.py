@@ -1,0 +1,128 @@
+"""vLLM's CPU attention ISAs under madakv: the kernel on our per-head view against a dense
+reference for every ISA this CPU runs, and eviction end to end through the offline engine in bf16
+(the dtype users run, where vLLM picks ``amx`` on CPUs with AMX tiles) and fp32.
+"""
+
+import pytest
+import torch
+from conftest import mm_prompt, words
+from test_block_layout import cpu_name, written_layout_or_skip
+from test_engine import _run, free_blocks, greedy, manager
+
+from madakv_vllm.integration.paged import FlatKVCache
+
+# (ISA, head size vLLM uses it with)
+KERNEL_ISAS = [("vec", 64), ("vec16", 80), ("amx", 64)]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def runs_kernel_or_skip(isa: str, dtype: torch.dtype) -> None:
+    if isa == "amx":
+        if not torch.cpu._is_amx_tile_supported():
+            pytest.skip(f"vLLM's amx attention kernel needs AMX tiles (lscpu: amx_tile, amx_bf16); this CPU is {cpu_name()}")
+        torch.cpu._init_amx()  # the engine's worker does this; a bare kernel call without it dies with SIGILL
+
+
+def dense(q, k, v, q_first, scale):
+    """fp32 causal attention of queries at positions q_first.. over keys [0, n): q [m, G, D]."""
+    s = torch.einsum("mgd,nd->mgn", q.float(), k.float()) * scale
+    pos_q = torch.arange(q_first, q_first + q.shape[0]).view(-1, 1, 1)
+    s = s.masked_fill(torch.arange(k.shape[0]).view(1, 1, -1) > pos_q, float("-inf"))
+    return torch.einsum("mgn,nd->mgd", torch.softmax(s, -1), v.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("isa, d", KERNEL_ISAS)
+def test_kernel_on_the_per_head_view_equals_dense_attention(isa, d, dtype):
+    """One kernel sequence per (request, KV head), ``num_kv_heads=1``, over scattered sub-blocks of a
+    two-layer buffer: a prefill, a chunk of a longer prompt, and a decode step."""
+    from vllm import _custom_ops as ops
+
+    runs_kernel_or_skip(isa, dtype)
+    bs, G, L, NB, H = 32, 2, 2, 8, 2
+    written_layout_or_skip(isa, bs, d, dtype)
+    buf = torch.zeros(L, NB, H, bs, 2 * d, dtype=dtype)
+    cache = FlatKVCache([buf[l] for l in range(L)], isa)
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randperm(cache.num_subblocks, generator=gen)  # each sequence takes scattered sub-blocks
+    seqs = [(70, 70), (100, 37), (45, 1)]  # (length, queries): prefill, later chunk, decode
+    tables, keys, values, queries, taken = [], [], [], [], 0
+    for n, m in seqs:
+        nsub = -(-n // bs)
+        table = pool[taken : taken + nsub]
+        taken += nsub
+        k, v = torch.randn(n, d, generator=gen).to(dtype), torch.randn(n, d, generator=gen).to(dtype)
+        j = torch.arange(n)
+        cache.write(k, v, table[j // bs] * bs + j % bs)
+        tables.append(table)
+        keys.append(k)
+        values.append(v)
+        queries.append(torch.randn(m, G, d, generator=gen).to(dtype))
+    width = max(len(t) for t in tables)
+    block_table = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in tables]).to(torch.int32)
+    seq_lens = torch.tensor([n for n, _ in seqs], dtype=torch.int32)
+    qsl = torch.tensor([0] + [m for _, m in seqs], dtype=torch.int32).cumsum(0).to(torch.int32)
+    q = torch.cat(queries)
+    out = torch.empty_like(q)
+    scale = d**-0.5
+    try:
+        meta = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(seqs), num_heads=G, num_kv_heads=1, head_dim=d, seq_lens=seq_lens, dtype=dtype,
+            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=cache.key, value_cache=cache.value, output=out, query_start_loc=qsl,
+            seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=block_table, softcap=0, scheduler_metadata=meta, s_aux=None)
+    except RuntimeError as e:
+        if dtype is torch.float16 and "Unsupported" in str(e):
+            pytest.skip(f"vLLM's {isa} kernel has no fp16 path on this CPU ({cpu_name()}): {e}")
+        raise
+    err = 0.0
+    for i, (n, m) in enumerate(seqs):
+        ref = dense(queries[i], keys[i], values[i], n - m, scale)
+        err = max(err, float((out[int(qsl[i]) : int(qsl[i + 1])].float() - ref).abs().max()))
+    assert err < TOLERANCE[dtype], (isa, dtype, err)
+
+
+# --- end to end through the offline engine ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_eviction_end_to_end_in_the_isa_vllm_picks(engine, dtype):
+    """madakv and snapkv at budget 0.2 on a multimodal prompt: compression, 40 decode steps with
+    re-compression every 16 tokens, attention over the compacted cache equal to fp32 attention over
+    exactly the retained tokens, pages freed, and every page back. In bf16 on a CPU with AMX tiles
+    this runs vLLM's ``amx`` ISA; elsewhere ``vec``."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from madakv_vllm.integration import per_head, verify
+
+    # float32 is the other engine tests' engine; bf16 one of its own
+    llm = engine("qwen2vl", {"policy": "full"}, **({"dtype": dtype} if dtype != "float32" else {}))
+    expected_isa = _get_attn_isa(getattr(torch, dtype), 32, 32)  # block size, the tiny model's head size
+    free0 = free_blocks(llm)
+    held = {}  # request -> pages held at its last step
+
+    def record(step):
+        for rid, blocks in manager(llm).req_to_blocks.items():
+            held[rid] = sum(not b.is_null for b in blocks)
+
+    reqs = {}
+    for i, policy in enumerate(["madakv", "snapkv"]):
+        prompt = mm_prompt("qwen2vl", [words(200, i), i, words(300, i + 1), i + 1])
+        reqs[f"{policy}-{dtype}"] = (prompt, greedy(40, madakv_policy=policy, madakv_budget=0.2,
+                                                    madakv_recompress_interval=16))
+    verify.SHADOW = verify.Shadow()
+    verify.ENABLED = True
+    try:
+        outs = list(_run(llm, reqs, record).values())
+        isas = {st.cache.isa for st in per_head.STATES if st.cache is not None}
+    finally:
+        verify.ENABLED = False
+    assert len(outs) == 2 and all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert expected_isa in isas, (expected_isa, isas)
+    assert verify.SHADOW.compressed_checked > 500
+    assert verify.SHADOW.max_err < TOLERANCE[getattr(torch, dtype)], verify.SHADOW.max_err
+    prompt_pages = -(-len(outs[0].prompt_token_ids) // 32)
+    assert held and max(held.values()) <= 0.35 * prompt_pages + 3, (held, prompt_pages)  # stock: all + 2
+    assert free_blocks(llm) == free0
