@@ -29,7 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from madakv_vllm.integration import per_head
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import FlatKVCache
-from madakv_vllm.integration.plugin import server_config
+from madakv_vllm.integration.rules import server_config
 
 logger = logging.getLogger("vllm.madakv")
 
@@ -38,7 +38,7 @@ logger = logging.getLogger("vllm.madakv")
 class MadaKVCPUBackend(CPUAttentionBackend):
     """CPU_ATTN's capabilities (dtypes, head sizes, 32-token kernel blocks) minus what per-head
     eviction cannot serve: sliding windows, non-causal decoder attention and sinks (vLLM's
-    validate_configuration refuses them at startup, plugin.validate_backend)."""
+    validate_configuration refuses them at startup, rules.validate_backend)."""
 
     # We write K/V ourselves: slots are per (token, KV head) in the per-head view.
     forward_includes_kv_cache_update: bool = True
