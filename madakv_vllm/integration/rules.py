@@ -162,7 +162,9 @@ def validate_request_args(vllm_config, extra_args) -> MadaKVConfig:
     try:
         return resolve(server_config(vllm_config), extra_args)
     except ValueError as e:
-        raise VLLMValidationError(str(e).replace("madakv.", "madakv_"), parameter="vllm_xargs") from None
+        # named as the request spells them: madakv_budget, madakv_experimental_mpa_mix
+        msg = str(e).replace("madakv.experimental.", "madakv_experimental_").replace("madakv.", "madakv_")
+        raise VLLMValidationError(msg, parameter="vllm_xargs") from None
 
 
 def check_fits_pool(vllm_config, request) -> None:
