@@ -4,6 +4,10 @@ Server-wide values come from ``--additional-config '{"madakv": {...}}'`` or a
 YAML file (``MADAKV_CONFIG=path`` or ``{"madakv": {"config_file": path}}``);
 per-request overrides come from ``SamplingParams.extra_args`` /
 OpenAI ``vllm_xargs`` (keys prefixed ``madakv_``). Unknown keys are errors.
+
+Readings kept only to rerun the dev-split ablations live in one block, ``experimental``
+(:class:`ExperimentalConfig`; per request ``madakv_experimental_<field>``). A config that still
+sets one of them at the top level fails naming where it moved.
 """
 
 from __future__ import annotations
@@ -26,9 +30,48 @@ MODALITY_NAMES = tuple(MODALITY_IDS)  # by id
 #: StreamingLLM's attention sinks (Xiao et al. 2024; kvpress StreamingLLMPress n_sink).
 STREAMINGLLM_SINKS = 4
 
+#: Readings moved from the top level into ``experimental`` (and the hcc_mode values that moved).
+EXPERIMENTAL_FIELDS = ("mpa_mix", "mpa_split", "hcc_min_scale")
+EXPERIMENTAL_HCC_MODES = ("global", "layer", "pyramid")
+#: Flat spelling of an experimental field (per-request args: ``madakv_experimental_mpa_mix``).
+EXPERIMENTAL_PREFIX = "experimental_"
+
+
+def moved_to_experimental(key: str, value: Any = None) -> bool:
+    """A top-level ``key: value`` that now belongs in the ``experimental`` block."""
+    return key in EXPERIMENTAL_FIELDS or (key == "hcc_mode" and value in EXPERIMENTAL_HCC_MODES)
+
+
+class ExperimentalConfig(BaseModel):
+    """Readings of MPA and HCC kept only so the dev-split ablations can be rerun
+    (``scripts/eval_proxy.py --variant``). Each lost to the default on the accuracy proxy's dev
+    splits, and none is the paper's ablation (those are ``mpa``, ``hcc`` and ``hcc_mode``):
+    docs/results.md, docs/data/proxy-dev-ablation*.json. Not for serving."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mpa_mix: float = Field(
+        1.0, ge=0.0, le=1.0, description="MPA: weight of the modality-mass split in each head's per-modality "
+        "quota; the rest follows the head's own top scores (0: top-k, no modality split)"
+    )
+    mpa_split: Literal["mass", "demand", "capped"] = Field(
+        "mass", description="MPA: what each head's per-modality quota follows: its attention mass on each "
+        "modality ('mass'), the fewest tokens covering theta of that mass ('demand'), or the mass with no "
+        "modality above that demand while another is below its own ('capped')"
+    )
+    hcc_mode: Literal["global", "layer", "pyramid"] | None = Field(
+        None, description="HCC reading that replaces madakv.hcc_mode when set: over all layers at once, per "
+        "(layer, head) 'global' or per layer 'layer'; 'pyramid': PyramidKV's layer schedule, heads by demand"
+    )
+    hcc_min_scale: float = Field(
+        0.0, ge=0.0, le=1.0, description="HCC streamed: every layer keeps at least this fraction of the uniform "
+        "share H*B, so early layers cannot starve later ones below it (0: no floor; 1: uniform layers)"
+    )
+
 
 class MadaKVConfig(BaseModel):
-    """Every knob of MadaKV and its baselines. See docs/method.md for each reading."""
+    """Every knob of MadaKV and its baselines (the readings kept for evaluation only are in
+    ``experimental``). See docs/method.md for each reading."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,27 +91,14 @@ class MadaKVConfig(BaseModel):
     min_per_head: int | None = Field(None, ge=1, description="lower bound on tokens per head; default = window")
     mpa: bool = Field(True, description="MadaKV: modality preference adaptation on/off (ablation)")
     hcc: bool = Field(True, description="MadaKV: hierarchical compression compensation on/off (ablation)")
-    mpa_mix: float = Field(
-        1.0, ge=0.0, le=1.0, description="MPA: weight of the modality-mass split in each head's per-modality "
-        "quota; the rest follows the head's own top scores (0: top-k, no modality split)"
-    )
-    mpa_split: Literal["mass", "demand", "capped"] = Field(
-        "mass", description="MPA: what each head's per-modality quota follows: its attention mass on each "
-        "modality ('mass'), the fewest tokens covering theta of that mass ('demand'), or the mass with no "
-        "modality above that demand while another is below its own ('capped')"
-    )
-    # pyramid_uniform: chosen on the dev splits of both proxies (docs/results.md, "Round 4")
-    hcc_mode: Literal["streamed", "global", "layer", "pyramid", "pyramid_uniform"] = Field(
-        "pyramid_uniform", description="HCC: how demand moves budget (streamed layer by layer, or over all layers "
-        "at once: per (layer, head) 'global', per layer 'layer'; 'pyramid'/'pyramid_uniform': PyramidKV's "
-        "layer schedule, heads by demand/evenly, not the paper's reading); docs/method.md"
+    # pyramid_uniform: chosen on the dev splits of both proxies (docs/results.md)
+    hcc_mode: Literal["pyramid_uniform", "streamed"] = Field(
+        "pyramid_uniform", description="HCC: 'streamed' is the paper's (budget moves by demand layer by layer); "
+        "'pyramid_uniform' (default, not the paper's reading): PyramidKV's layer schedule, split evenly over "
+        "each layer's heads; docs/method.md"
     )
     hcc_max_scale: float = Field(
         1.5, ge=1.0, description="HCC streamed: a layer keeps at most this multiple of its fair share phi (inf: uncapped)"
-    )
-    hcc_min_scale: float = Field(
-        0.0, ge=0.0, le=1.0, description="HCC streamed: every layer keeps at least this fraction of the uniform "
-        "share H*B, so early layers cannot starve later ones below it (0: no floor; 1: uniform layers)"
     )
     # Default 32: a long generation stays within budget + 32 tokens per head (bounded memory by
     # default); with 0 every generated token is kept, which cost ~10% capacity in bench_capacity.
@@ -91,6 +121,28 @@ class MadaKVConfig(BaseModel):
     pyramid_beta: float = Field(20.0, gt=0.0, description="PyramidKV: top/bottom layer budget ratio parameter")
     adakv_alpha: float = Field(0.2, ge=0.0, le=1.0, description="AdaKV: safeguard share of the per-head budget")
     h2o_recent_ratio: float = Field(0.5, ge=0.0, le=1.0, description="H2O, LOOK-M: share of the budget for recent tokens")
+    experimental: ExperimentalConfig = Field(
+        default_factory=ExperimentalConfig, description="readings kept for evaluation only (ExperimentalConfig)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        """A reading that moved to ``experimental`` fails naming where it went."""
+        if isinstance(data, dict):
+            moved = [
+                f"madakv.{k}: {data[k]!r} moved to madakv.experimental.{k}" if k == "hcc_mode"
+                else f"madakv.{k}: moved to madakv.experimental.{k}"
+                for k in (*EXPERIMENTAL_FIELDS, "hcc_mode") if k in data and moved_to_experimental(k, data[k])
+            ]
+            if moved:
+                raise ValueError("; ".join(moved) + " (kept for evaluation only: docs/results.md)")
+        return data
+
+    @field_validator("experimental", mode="before")
+    @classmethod
+    def _empty_block(cls, v: Any) -> Any:
+        return {} if v is None else v  # ``experimental:`` with every line commented out
 
     @field_validator("budget")
     @classmethod
@@ -123,6 +175,11 @@ class MadaKVConfig(BaseModel):
         return STREAMINGLLM_SINKS if self.policy == "streamingllm" else 0
 
     @property
+    def hcc_reading(self) -> str:
+        """The HCC reading in effect: ``experimental.hcc_mode`` when set, else ``hcc_mode``."""
+        return self.experimental.hcc_mode or self.hcc_mode
+
+    @property
     def head_floor(self) -> int:
         return self.min_per_head if self.min_per_head is not None else self.window
 
@@ -142,10 +199,15 @@ class MadaKVConfig(BaseModel):
         return max(lo, min(prompt_len, b))
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> "MadaKVConfig":
-        """A copy with per-request overrides, validated (raises ValueError naming the field)."""
+        """A copy with per-request overrides, validated (raises ValueError naming the field).
+        ``experimental_<field>`` (flat, as per-request args spell it) sets ``experimental.<field>``."""
         if not overrides:
             return self
-        return parse_config({**self.model_dump(), **overrides})
+        top = {k: v for k, v in overrides.items() if not k.startswith(EXPERIMENTAL_PREFIX)}
+        experimental = {k[len(EXPERIMENTAL_PREFIX):]: v for k, v in overrides.items() if k.startswith(EXPERIMENTAL_PREFIX)}
+        if experimental:
+            top = _layered(top, {"experimental": experimental})
+        return parse_config(_layered(self.model_dump(), top))
 
 
 REQUEST_PREFIX = "madakv_"
@@ -182,12 +244,20 @@ def resolve(server: MadaKVConfig, extra_args: dict[str, Any] | None) -> MadaKVCo
     return _RESOLVED[key]
 
 
+def _layered(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; the ``experimental`` block is merged field by field."""
+    out = {**base, **top}
+    if isinstance(base.get("experimental"), dict) and isinstance(top.get("experimental"), dict):
+        out["experimental"] = {**base["experimental"], **top["experimental"]}
+    return out
+
+
 def parse_config(data: dict[str, Any] | None) -> MadaKVConfig:
     """Validate a dict; errors name the offending field, e.g. ``madakv.budget: ...``."""
     data = dict(data or {})
     path = data.pop("config_file", None)
     if path is not None:
-        data = {**load_yaml(path), **data}
+        data = _layered(load_yaml(path), data)
     try:
         return MadaKVConfig(**data)
     except ValidationError as e:
@@ -223,4 +293,4 @@ def config_from_vllm(additional_config: dict[str, Any] | None) -> MadaKVConfig:
     sub = (additional_config or {}).get("madakv") or {}
     if not isinstance(sub, dict):
         raise MadaKVConfigError("additional_config.madakv must be a mapping")
-    return parse_config({**base, **sub})
+    return parse_config(_layered(base, sub))

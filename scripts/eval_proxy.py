@@ -62,7 +62,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from madakv_eval import proxy_tasks as pt  # noqa: E402
-from madakv_vllm.config import IMAGE, POLICIES, TEXT  # noqa: E402
+from madakv_vllm.config import EXPERIMENTAL_PREFIX, IMAGE, POLICIES, TEXT, moved_to_experimental  # noqa: E402
 
 EVAL_IMAGES = (24, 64)
 BUDGETS = (0.5, 0.2, 0.1, 0.05)
@@ -74,20 +74,26 @@ VARIANTS = {
 
 
 def config_fields(name: str) -> dict:
-    """MadaKVConfig fields of a policy name or a VARIANTS name."""
+    """MadaKVConfig fields of a policy name or a VARIANTS name, flat as per-request args spell them
+    (``experimental_mpa_mix``; ``MadaKVConfig().with_overrides`` reads them)."""
     return dict(VARIANTS[name]) if name in VARIANTS else {"policy": name}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME:key=value,key=value`` (values as JSON where they parse) -> (NAME, fields)."""
+    """``NAME:key=value,key=value`` (values as JSON where they parse) -> (NAME, fields). A reading
+    kept for evaluation only may be named as before it moved (``mpa_mix=0.75``, ``hcc_mode=global``):
+    it is set in the config's experimental block (``experimental_mpa_mix``), so the dev-split
+    commands in docs/results.md still run."""
     name, _, body = text.partition(":")
     fields = {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
+        key = key.strip()
         try:
-            fields[key.strip()] = json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            fields[key.strip()] = value.strip()
+            value = value.strip()
+        fields[EXPERIMENTAL_PREFIX + key if moved_to_experimental(key, value) else key] = value
     fields.setdefault("policy", "madakv")
     return name, fields
 
@@ -108,7 +114,8 @@ def parse_args(argv=None):
                         "'eval' is the split earlier sessions used (and tuned on)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                    help="an extra MadaKVConfig variant to run as a policy NAME (e.g. "
-                        "'hccg:hcc_mode=global,theta=0.7'); repeatable")
+                        "'hccg:hcc_mode=global,theta=0.7'; readings of the experimental block by their own "
+                        "name or as experimental_<name>); repeatable")
     p.add_argument("--reference", default="madakv",
                    help="paired bootstrap intervals of every other policy against this one, per budget")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (0: skip the intervals)")
@@ -372,7 +379,7 @@ def retained_mass(args, samples, configs):
         modality = torch.where(ids == batcher.image_token_id, IMAGE, TEXT)
         needle = torch.tensor(pt.needle_token_positions(s, processor.tokenizer))
         for name, budget in configs:
-            cfg = MadaKVConfig(**config_fields(name), budget=budget if budget is not None else 1.0)
+            cfg = MadaKVConfig().with_overrides({**config_fields(name), "budget": budget if budget is not None else 1.0})
             w = min(cfg.window, n)
             qw = [q[:, n - w:] for q in qs]
             kept = make_policy(cfg).select_all(qw, ks, modality, cfg.budget_tokens(n))

@@ -64,13 +64,13 @@ def main(argv=None) -> int:
     samples = pt.make_dataset(tasks, args.n_per_task, (24, 64), split=args.split)
     configs = {
         "MadaKV (default)": MadaKVConfig(budget=args.budget),
-        "MadaKV, top-k split (mpa_mix 0)": MadaKVConfig(mpa_mix=0.0, budget=args.budget),
-        "MadaKV, demand split (mpa_split demand)": MadaKVConfig(mpa_split="demand", budget=args.budget),
-        "MadaKV, capped split (mpa_split capped)": MadaKVConfig(mpa_split="capped", budget=args.budget),
+        "MadaKV, top-k split (mpa_mix 0)": MadaKVConfig(experimental={"mpa_mix": 0.0}, budget=args.budget),
+        "MadaKV, demand split (mpa_split demand)": MadaKVConfig(experimental={"mpa_split": "demand"}, budget=args.budget),
+        "MadaKV, capped split (mpa_split capped)": MadaKVConfig(experimental={"mpa_split": "capped"}, budget=args.budget),
         "MPA only": MadaKVConfig(hcc=False, budget=args.budget),
         "HCC streamed": MadaKVConfig(hcc_mode="streamed", budget=args.budget),
-        "HCC global": MadaKVConfig(hcc_mode="global", budget=args.budget),
-        "HCC layer": MadaKVConfig(hcc_mode="layer", budget=args.budget),
+        "HCC global": MadaKVConfig(experimental={"hcc_mode": "global"}, budget=args.budget),
+        "HCC layer": MadaKVConfig(experimental={"hcc_mode": "layer"}, budget=args.budget),
         "PyramidKV": MadaKVConfig(policy="pyramidkv", budget=args.budget),
     }
     sums: dict[str, list] = {}

@@ -158,13 +158,13 @@ def cuda_backend_on_cpu(monkeypatch):
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends import fa_utils
 
-    from madakv_vllm.integration import plugin
+    from madakv_vllm.integration import rules
 
     fake = types.ModuleType("vllm.vllm_flash_attn")
     fake.flash_attn_varlen_func = reference_flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", fake)
     monkeypatch.setattr(fa_utils, "get_flash_attn_version", lambda **kw: 3)
-    monkeypatch.setattr(plugin, "CPU_BACKEND_PATH", plugin.CUDA_BACKEND_PATH)
+    monkeypatch.setattr(rules, "CPU_BACKEND_PATH", rules.CUDA_BACKEND_PATH)
     capability = {"value": DeviceCapability(9, 0)}
     monkeypatch.setattr(CpuPlatform, "get_device_capability", classmethod(lambda cls, device_id=0: capability["value"]))
     # vLLM caches the backend class per selection; engines of other tests must get the CPU one.

@@ -302,7 +302,14 @@ def test_invalid_request_args_rejected_engine_survives(engine):
     for bad in [{"madakv_budget": 3.5}, {"madakv_policy": "random"}, {"madakv_windw": 3}]:
         with pytest.raises(Exception, match="madakv_"):
             llm.generate([prompt], greedy(4, **bad), use_tqdm=False)
+    with pytest.raises(Exception, match="madakv_mpa_split: moved to madakv_experimental_mpa_split"):
+        llm.generate([prompt], greedy(4, madakv_mpa_split="demand"), use_tqdm=False)
     assert len(llm.generate([prompt], greedy(4), use_tqdm=False)[0].outputs[0].token_ids) == 4
+    # the readings kept for evaluation, per request: a compressed request runs them
+    experimental = greedy(4, madakv_policy="madakv", madakv_budget=0.2, madakv_experimental_mpa_split="demand",
+                          madakv_experimental_hcc_mode="global")
+    long_prompt = mm_prompt("qwen2vl", [0, words(300)])
+    assert len(llm.generate([long_prompt], experimental, use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 
 def test_offline_rejected_request_does_not_poison_the_next_with_its_image(engine):

@@ -92,3 +92,23 @@ def test_merge_accepts_the_same_model_from_another_checkout_and_checks_the_promp
     changed = _saved(tmp_path, "d.json", "models/proxy-vlm", [1.0, 0.0], {"snapkv": {0.5: [1, 1], 0.2: [0, 1]}})
     with pytest.raises(SystemExit, match="full cache answered differently"):
         ev.merge_runs(ev.parse_args(["--merge", a, changed]))
+
+
+@pytest.mark.parametrize("text, fields, config", [
+    ("mix75:mpa_mix=0.75", {"experimental_mpa_mix": 0.75}, {"experimental": {"mpa_mix": 0.75}}),
+    ("d95:mpa_split=demand,theta=0.95", {"experimental_mpa_split": "demand", "theta": 0.95},
+     {"experimental": {"mpa_split": "demand"}, "theta": 0.95}),
+    ("py:hcc_mode=pyramid", {"experimental_hcc_mode": "pyramid"}, {"experimental": {"hcc_mode": "pyramid"}}),
+    ("f05:experimental_hcc_min_scale=0.5", {"experimental_hcc_min_scale": 0.5}, {"experimental": {"hcc_min_scale": 0.5}}),
+    ("ms:hcc_mode=streamed", {"hcc_mode": "streamed"}, {"hcc_mode": "streamed"}),
+])
+def test_variants_still_run_the_readings_moved_to_the_experimental_block(ev, text, fields, config):
+    """The dev-split commands in docs/results.md name the readings as before they moved: a variant
+    sets them in the experimental block, as per-request args (vLLM) and as a config (retained mass)."""
+    from madakv_vllm.config import MadaKVConfig, resolve
+
+    name, parsed = ev.parse_variant(text)
+    assert (name, parsed) == (text.partition(":")[0], {"policy": "madakv", **fields})
+    want = MadaKVConfig(policy="madakv", budget=0.2, **config)
+    assert MadaKVConfig().with_overrides({**parsed, "budget": 0.2}) == want
+    assert resolve(MadaKVConfig(), {"madakv_" + k: v for k, v in {**parsed, "budget": 0.2}.items()}) == want

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from madakv_vllm.integration import patches, plugin
+from madakv_vllm.integration import patches, rules
 
 
 class SenderCache:
@@ -23,7 +23,7 @@ class SenderCache:
 
 def _renderer():
     return SimpleNamespace(config=SimpleNamespace(attention_config=SimpleNamespace(backend=SimpleNamespace(
-        name=plugin.BACKEND_NAME))), mm_processor_cache=SenderCache(), _mm_executor=ThreadPoolExecutor(max_workers=1))
+        name=rules.BACKEND_NAME))), mm_processor_cache=SenderCache(), _mm_executor=ThreadPoolExecutor(max_workers=1))
 
 
 def _render_on_the_mm_thread(renderer, release: threading.Event, rendered: threading.Event | None = None):

@@ -26,6 +26,12 @@ from madakv_vllm.policies import (
     window_scores,
 )
 
+def hcc(mode: str) -> dict:
+    """MadaKVConfig fields of an HCC reading: the paper's and the default at the top level, the
+    readings kept for evaluation in the experimental block."""
+    return {"hcc_mode": mode} if mode in ("streamed", "pyramid_uniform") else {"experimental": {"hcc_mode": mode}}
+
+
 PROPS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -401,12 +407,13 @@ def scenarios(draw, policy=None):
         min_per_head=draw(st.one_of(st.none(), st.integers(1, 20))),
         mpa=draw(st.booleans()),
         hcc=draw(st.booleans()),
-        hcc_mode=draw(st.sampled_from(["streamed", "global", "layer", "pyramid", "pyramid_uniform"])),
-        hcc_min_scale=draw(st.sampled_from([0.0, 0.0, 0.5, 1.0])),
+        **hcc(draw(st.sampled_from(["streamed", "global", "layer", "pyramid", "pyramid_uniform"]))),
         pyramid_beta=draw(st.floats(0.5, 30.0)),
         adakv_alpha=draw(st.floats(0.0, 1.0)),
         h2o_recent_ratio=draw(st.floats(0.0, 1.0)),
     )
+    cfg = cfg.model_copy(update={"experimental": cfg.experimental.model_copy(
+        update={"hcc_min_scale": draw(st.sampled_from([0.0, 0.0, 0.5, 1.0]))})})
     shape = dict(
         num_layers=draw(st.integers(1, 3)),
         num_kv_heads=draw(st.integers(1, 3)),
@@ -455,7 +462,8 @@ def test_invariants_every_policy(policy, data):
 @given(scenarios("madakv"))
 def test_hcc_budget_feasible_layer_by_layer_and_demand_kept(scenario):
     cfg, modality, shape = scenario
-    cfg = cfg.model_copy(update={"hcc": True, "hcc_mode": "streamed"})
+    cfg = cfg.model_copy(update={"hcc": True, "hcc_mode": "streamed",
+                                 "experimental": cfg.experimental.model_copy(update={"hcc_mode": None})})
     kept, state, qs, ks = check_invariants(cfg, modality, shape)
     n, big_l, h = modality.numel(), shape["num_layers"], shape["num_kv_heads"]
     event(f"keeps all: {state.keeps_all}")
@@ -470,8 +478,8 @@ def test_hcc_budget_feasible_layer_by_layer_and_demand_kept(scenario):
         left = big_l - l - 1
         lo, hi = max(h * fl, remaining - left * h * n), min(h * n, remaining - left * h * fl)
         hi = max(lo, min(hi, int(cfg.hcc_max_scale * h * remaining / (h * (big_l - l)))))  # the greedy-layer cap
-        if cfg.hcc_min_scale > 0:  # every layer's floor, reserved for the later ones too
-            reserve = min(int(cfg.hcc_min_scale * h * state.budget), h * n)
+        if cfg.experimental.hcc_min_scale > 0:  # every layer's floor, reserved for the later ones too
+            reserve = min(int(cfg.experimental.hcc_min_scale * h * state.budget), h * n)
             lo = max(lo, min(reserve, hi))
             hi = max(lo, min(hi, remaining - left * reserve))
         assert state.phi[l] == pytest.approx(remaining / (h * (big_l - l)))
@@ -777,7 +785,7 @@ def test_hcc_min_scale_bounds_how_far_early_layers_starve_later_ones():
     mod[100:300] = 1
     last = {}
     for floor in (0.0, 0.75):
-        policy = make_policy(MadaKVConfig(hcc_min_scale=floor, hcc_mode="streamed"))
+        policy = make_policy(MadaKVConfig(experimental={"hcc_min_scale": floor}, hcc_mode="streamed"))
         policy.select_all(q, k, mod, B)
         counts = policy.last_state.kept_counts.sum(1)
         assert int(counts.sum()) == L * H * B
@@ -808,7 +816,7 @@ def test_granule_counts_are_offset_plus_whole_pages_summing_exactly(policy, hcc_
                                                                     sinks, seed):
     from madakv_vllm.accounting import plan_compression
 
-    cfg = MadaKVConfig(policy=policy, budget=frac, window=window, sink_tokens=sinks, hcc_mode=hcc_mode)
+    cfg = MadaKVConfig(policy=policy, budget=frac, window=window, sink_tokens=sinks, **hcc(hcc_mode))
     plan = plan_compression(cfg, n, g)
     if plan is None:
         return
@@ -900,7 +908,7 @@ def test_hcc_global_splits_the_whole_budget_by_demand():
     sharp = torch.zeros(2, n)
     sharp[:, :3] = 1.0
     sharp[:, n - w:] = 1.0
-    cfg = MadaKVConfig(policy="madakv", window=w, hcc_mode="global", mpa=False, kernel_size=1)
+    cfg = MadaKVConfig(policy="madakv", window=w, **hcc("global"), mpa=False, kernel_size=1)
     kept, state = _observed(cfg, [diffuse, sharp], mod, b)
     demand = torch.tensor([_demand(diffuse, w, cfg.theta), _demand(sharp, w, cfg.theta)], dtype=torch.float64)
     assert demand[0, 0] > 10 * demand[1, 0]
@@ -916,7 +924,7 @@ def test_hcc_layer_mode_moves_budget_between_layers_not_heads():
     gen = torch.Generator().manual_seed(0)
     diffuse = torch.rand(2, n, generator=gen) + 1.0
     sharp = torch.rand(2, n, generator=gen) ** 20
-    cfg = MadaKVConfig(policy="madakv", window=w, hcc_mode="layer", kernel_size=1)
+    cfg = MadaKVConfig(policy="madakv", window=w, **hcc("layer"), kernel_size=1)
     kept, state = _observed(cfg, [diffuse, sharp, diffuse], mod, b)
     counts = state.kept_counts
     assert int(counts.sum()) == 3 * 2 * b
@@ -926,7 +934,7 @@ def test_hcc_layer_mode_moves_budget_between_layers_not_heads():
 
 @pytest.mark.parametrize("mode", ["global", "layer"])
 def test_global_readings_refuse_streamed_selection(mode):
-    pol = make_policy(MadaKVConfig(hcc_mode=mode))
+    pol = make_policy(MadaKVConfig(**hcc(mode)))
     state = pol.begin(num_layers=2, num_kv_heads=1, seq_len=100, modality=torch.zeros(100, dtype=torch.long), budget=40)
     with pytest.raises(ValueError, match="every layer"):
         pol.select_layer(state, 0, torch.randn(1, 32, 4), torch.randn(1, 100, 4))
@@ -959,12 +967,12 @@ def test_mpa_mix_blends_the_modality_split_with_top_k_exactly(hcc_mode):
     mod[100:250] = IMAGE
     images = []
     for mix in (1.0, 0.5, 0.0):
-        pol = make_policy(MadaKVConfig(mpa_mix=mix, hcc_mode=hcc_mode))
+        pol = make_policy(MadaKVConfig(experimental={"mpa_mix": mix}, hcc_mode=hcc_mode))
         kept = pol.select_all(q, k, mod, 80)
         assert sum(len(x) for layer in kept for x in layer) == L * H * 80
         images.append(sum(int((mod[x] == IMAGE).sum()) for layer in kept for x in layer))
     assert images[0] != images[2] and min(images[0], images[2]) <= images[1] <= max(images[0], images[2])
-    no_hcc = make_policy(MadaKVConfig(mpa_mix=0.0, hcc=False)).select_all(q, k, mod, 80)
+    no_hcc = make_policy(MadaKVConfig(experimental={"mpa_mix": 0.0}, hcc=False)).select_all(q, k, mod, 80)
     one_group = make_policy(MadaKVConfig(mpa=False, hcc=False)).select_all(q, k, mod, 80)
     assert all(torch.equal(a, b) for la, lb in zip(no_hcc, one_group) for a, b in zip(la, lb))
 
@@ -983,7 +991,7 @@ def test_mpa_demand_split_follows_the_tokens_each_modality_needs(hcc_mode):
     scores[0, 100:250] = 0.3 / 150  # image: 30% spread evenly
     kept = {}
     for split in ("mass", "demand"):
-        pol = make_policy(MadaKVConfig(mpa_split=split, hcc_mode=hcc_mode, window=W, theta=0.9))
+        pol = make_policy(MadaKVConfig(experimental={"mpa_split": split}, hcc_mode=hcc_mode, window=W, theta=0.9))
         state = pol.begin(num_layers=1, num_kv_heads=1, seq_len=N, modality=mod, budget=100)
         idx = pol.select_layer_scores(state, 0, scores.clone())[0]
         assert idx.numel() == 100 and bool((idx[-W:] == torch.arange(N - W, N)).all())
@@ -995,7 +1003,7 @@ def test_mpa_demand_split_follows_the_tokens_each_modality_needs(hcc_mode):
     assert kept["demand"] == int(apportion(100 - W, demand[0].double(), caps)[IMAGE])
     assert kept["demand"] > 2 * kept["mass"]
     with pytest.raises(ValueError, match="mpa_split"):
-        MadaKVConfig(mpa_split="tokens")
+        MadaKVConfig(experimental={"mpa_split": "tokens"})
 
 
 def test_mpa_capped_split_gives_no_modality_more_than_its_demand_while_another_wants_more():

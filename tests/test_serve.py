@@ -48,7 +48,7 @@ def test_per_request_override_and_http_400(server):
     ok = chat_with_image(port, model, extra_body={"vllm_xargs": {"madakv_policy": "snapkv", "madakv_budget": 0.1}})
     assert ok.usage.completion_tokens >= 1
     for bad, field in [({"madakv_budget": 4.0}, "madakv_budget"), ({"madakv_policy": "lru"}, "madakv_policy"),
-                       ({"madakv_nope": 1}, "madakv_nope")]:
+                       ({"madakv_nope": 1}, "madakv_nope"), ({"madakv_mpa_mix": 0.5}, "madakv_experimental_mpa_mix")]:
         with pytest.raises(openai.BadRequestError) as e:
             chat_with_image(port, model, extra_body={"vllm_xargs": bad})
         assert e.value.status_code == 400 and field in str(e.value)

@@ -133,7 +133,7 @@ def test_validate_configuration_takes_every_selector_field():
     from vllm.v1.attention.backend import AttentionBackend
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    # plugin.validate_backend passes every selector field plus the device capability, as stock does.
+    # rules.validate_backend passes every selector field plus the device capability, as stock does.
     assert set(AttentionSelectorConfig._fields) | {"cls", "device_capability"} == set(
         _params(AttentionBackend.validate_configuration.__func__))
 
@@ -196,7 +196,7 @@ def test_default_block_size_is_small_for_madakv_only(model_dir):
     the unit of eviction) but keeps an explicit --block-size, and leaves stock engines alone."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from madakv_vllm.integration.plugin import DEFAULT_BLOCK_SIZE
+    from madakv_vllm.integration.rules import DEFAULT_BLOCK_SIZE
 
     model = str(model_dir("llama"))
 
@@ -225,7 +225,7 @@ def test_madakv_makes_vllm_choose_the_v1_runner_where_v2_is_the_default(model_di
     own choice must fall back to V1. Triton's presence is simulated (the CPU build has none)."""
     import vllm.config.vllm as vllm_config_module
 
-    from madakv_vllm.integration.plugin import V2_RUNNER_UNSUPPORTED_FEATURE
+    from madakv_vllm.integration.rules import V2_RUNNER_UNSUPPORTED_FEATURE
 
     model = str(model_dir("llama"))
     stock, ours = _engine_config(model), _engine_config(model, attention_backend="madakv")
@@ -278,14 +278,14 @@ def test_cpu_backend_capabilities_are_checked_by_vllms_own_validation(change, re
     selection by vLLM's validate_configuration, naming the reason."""
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from madakv_vllm.integration import plugin
+    from madakv_vllm.integration import rules
 
     cfg = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=32)._replace(**change)
     if reason is None:
-        plugin.validate_backend(plugin.CPU_BACKEND_PATH, cfg, None)
+        rules.validate_backend(rules.CPU_BACKEND_PATH, cfg, None)
     else:
         with pytest.raises(ValueError, match=reason):
-            plugin.validate_backend(plugin.CPU_BACKEND_PATH, cfg, None)
+            rules.validate_backend(rules.CPU_BACKEND_PATH, cfg, None)
 
 
 def test_metrics_endpoint_reads_every_process_when_the_multiprocess_dir_is_set(monkeypatch, tmp_path):

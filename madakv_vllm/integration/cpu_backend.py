@@ -31,7 +31,7 @@ from madakv_vllm.integration import per_head
 from madakv_vllm.integration.block_layout import LayoutError, kernel_layout
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import FlatKVCache
-from madakv_vllm.integration.plugin import server_config
+from madakv_vllm.integration.rules import server_config
 
 logger = logging.getLogger("vllm.madakv")
 
@@ -85,7 +85,7 @@ def readable_isa(isa: str, dtype: torch.dtype, block_size: int, head_size: int, 
 class MadaKVCPUBackend(CPUAttentionBackend):
     """CPU_ATTN's capabilities (dtypes, head sizes, 32-token kernel blocks) minus what per-head
     eviction cannot serve: sliding windows, non-causal decoder attention and sinks (vLLM's
-    validate_configuration refuses them at startup, plugin.validate_backend)."""
+    validate_configuration refuses them at startup, rules.validate_backend)."""
 
     # We write K/V ourselves: slots are per (token, KV head) in the per-head view.
     forward_includes_kv_cache_update: bool = True

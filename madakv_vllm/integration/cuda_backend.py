@@ -5,7 +5,7 @@ out LBHNC so each page is one sub-block per KV head, entries are moved with torc
 indexing (TorchFlatKVCache), and attention is vLLM's FlashAttention varlen kernel
 with one sequence per (request, KV head): ``num_kv_heads = 1``, the head's query
 group as its heads, its own ``seqused_k`` and block table. CUDA graphs and async
-scheduling are turned off for this backend (plugin.configure_engine).
+scheduling are turned off for this backend (rules.configure_engine).
 
 Selected only with MADAKV_EXPERIMENTAL_CUDA=1 until a GPU run has verified it
 (``scripts/gpu_check.sh``); importing this module needs no GPU, and on the CPU the tests run
@@ -13,7 +13,7 @@ this class end to end with a plain-torch stand-in for flash_attn_varlen_func tha
 real kernel's input rules.
 
 Capabilities are class attributes, as in vLLM's own backends, so that vLLM's
-``validate_configuration`` (run by plugin.py at backend selection, as stock selection does)
+``validate_configuration`` (run at backend selection by rules.validate_backend, as stock does)
 rejects fp32, unsupported head sizes, GPUs older than SM 8.0, sliding windows, sinks and
 non-decoder attention at startup rather than in the kernel.
 """
@@ -43,7 +43,7 @@ from madakv_vllm.integration import per_head
 from madakv_vllm.integration.cpu_backend import layer_caches
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import TorchFlatKVCache
-from madakv_vllm.integration.plugin import server_config
+from madakv_vllm.integration.rules import server_config
 
 
 

@@ -32,8 +32,8 @@ import torch
 from madakv_vllm.accounting import EventKind, RequestPlan, cdiv
 from madakv_vllm.config import MODALITY_NAMES, MadaKVConfig
 from madakv_vllm.integration import metrics
-from madakv_vllm.integration.kv_manager import request_config
 from madakv_vllm.integration.paged import FlatKVCache
+from madakv_vllm.integration.rules import request_config
 from madakv_vllm.modality import modality_array
 
 logger = logging.getLogger("vllm.madakv")

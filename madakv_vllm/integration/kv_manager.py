@@ -8,7 +8,6 @@ function of its compression length, effective config and the block size
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -16,10 +15,9 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from madakv_vllm.accounting import RequestPlan, peak_pages
-from madakv_vllm.config import MadaKVConfig, resolve
+from madakv_vllm.config import MadaKVConfig
 from madakv_vllm.integration import metrics
-
-logger = logging.getLogger("vllm.madakv")
+from madakv_vllm.integration.rules import request_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,17 +110,6 @@ class MadaKVManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id: str):
         self.requests.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
-
-
-def request_config(server: MadaKVConfig, req_id: str, sampling_params) -> MadaKVConfig:
-    """The engine side's view of a request's config. The frontend rejected invalid overrides
-    already (HTTP 400); anything that still fails here falls back to the server config with a
-    warning rather than crashing the engine. Scheduler and workers resolve identically."""
-    try:
-        return resolve(server, sampling_params.extra_args if sampling_params is not None else None)
-    except ValueError as e:
-        logger.warning("madakv: ignoring invalid per-request args of %s: %s", req_id, e)
-        return server
 
 
 def register_spec() -> None:

@@ -36,19 +36,19 @@ BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 API_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
-def export_from_engine_processes() -> None:
+def export_from_engine_processes() -> bool:
     """Turn on vLLM's multiprocess Prometheus mode in the OpenAI server (before the engine starts).
-    Elsewhere (offline ``LLM``), or where vLLM or the user turned it on already, nothing changes."""
+    Elsewhere (offline ``LLM``), or where vLLM or the user turned it on already, nothing changes.
+    True when it was turned on here: the caller (patches.py) then points prometheus_client's
+    metric values at the directory."""
     global _multiproc_dir
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ or API_SERVER_MODULE not in sys.modules:
-        return
-    from madakv_vllm.integration import patches
-
+        return False
     # What vLLM's setup_multiprocess_prometheus does, but holding the directory here: at shutdown
     # vLLM 0.32 passes its TemporaryDirectory object where a path is expected and logs an ERROR.
     _multiproc_dir = tempfile.TemporaryDirectory(prefix="madakv-prometheus-")  # removed at exit
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _multiproc_dir.name
-    patches.use_multiprocess_metric_values()
+    return True
 
 
 def _get() -> dict:

@@ -14,7 +14,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``VllmConfig._get_v2_model_runner_unsupported_features`` | madakv needs the V1 model runner: vLLM then chooses it |
 | ``InputProcessor._validate_params`` | HTTP 400 for a bad ``madakv_*`` request argument |
 | ``BaseRenderer._process_tokens`` / ``_process_tokens_async`` | note the multimodal sender-cache entries a rendered request added (``mm_cache.py``); roll back those of a render whose request was cancelled while it ran |
-| ``InputProcessor.process_inputs`` | submit them with the engine request, or roll them back when it is rejected; HTTP 400 for a request that cannot fit the KV pool (``plugin.check_fits_pool``) |
+| ``InputProcessor.process_inputs`` | submit them with the engine request, or roll them back when it is rejected; HTTP 400 for a request that cannot fit the KV pool (``rules.check_fits_pool``) |
 | ``OfflineInferenceMixin._render_and_add_requests`` | one rollback scope per offline ``LLM`` call |
 | ``vllm.entrypoints.launchers.app.init_entrypoints_middleware`` | one rollback scope per HTTP request (ASGI middleware) |
 | ``MediaConnector._load_data_url`` | RFC 2397 data URLs without ``;base64`` are decoded (vLLM 0.32 answers them with HTTP 501) |
@@ -23,16 +23,24 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner.initialize_metadata_builders`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start) |
 
-One assignment that is not a wrapper, made only when ``metrics.export_from_engine_processes``
-turns on vLLM's multiprocess Prometheus mode after start: ``prometheus_client.values.ValueClass``
-(prometheus_client picks it once, at import, from ``PROMETHEUS_MULTIPROC_DIR``), so that the
-metrics vLLM creates from then on are written where ``/metrics`` reads them.
+One assignment that is not a wrapper, made by the ``check_and_update_config`` wrapper only when
+``metrics.export_from_engine_processes`` has turned on vLLM's multiprocess Prometheus mode after
+start: ``prometheus_client.values.ValueClass`` (prometheus_client picks it once, at import, from
+``PROMETHEUS_MULTIPROC_DIR``), so that the metrics vLLM creates from then on are written where
+``/metrics`` reads them.
+
+What the wrappers apply lies below this module and never imports it: ``rules.py`` (startup checks,
+request validation, admission), ``mm_cache.py``, ``metrics.py``, and the scheduler and worker
+modules (``kv_manager.py``, ``per_head.py``, imported when a wrapper first runs: they load vLLM's
+engine modules). Only ``plugin.register()`` imports this module.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+
+from madakv_vllm.integration import metrics, mm_cache, rules
 
 #: (module, qualified name) of every symbol install() wrapped, in order.
 PATCHED: list[tuple[str, str]] = []
@@ -44,15 +52,13 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    from madakv_vllm.integration import plugin
-
-    _patch_platform("vllm.platforms.cpu", "CpuPlatform", lambda: plugin.CPU_BACKEND_PATH)
+    _patch_platform("vllm.platforms.cpu", "CpuPlatform", lambda: rules.CPU_BACKEND_PATH)
     try:  # the CUDA platform module imports without a GPU; a build without it has nothing to patch
         importlib.import_module("vllm.platforms.cuda")
     except (ImportError, OSError):  # pragma: no cover
         pass
     else:
-        _patch_platform("vllm.platforms.cuda", "CudaPlatformBase", plugin.cuda_backend_path)
+        _patch_platform("vllm.platforms.cuda", "CudaPlatformBase", rules.cuda_backend_path)
     _wrap("vllm.config", "VllmConfig._get_v2_model_runner_unsupported_features", _v2_runner_unsupported)
     _wrap("vllm.v1.engine.input_processor", "InputProcessor._validate_params", _validate_params)
     _wrap("vllm.renderers.base", "BaseRenderer._process_tokens", _process_tokens)
@@ -97,15 +103,13 @@ def use_multiprocess_metric_values() -> None:
 
 def _patch_platform(module: str, cls_name: str, backend_path) -> None:
     """backend_path(): our backend's class path on this platform, or None if unavailable there."""
-    from madakv_vllm.integration import plugin
-
     def get_attn_backend_cls(orig):
         def wrapper(cls, selected_backend, attn_selector_config, *args, **kwargs):
-            if plugin.is_madakv(selected_backend):
+            if rules.is_madakv(selected_backend):
                 path = backend_path()
                 if path is None:
-                    raise ValueError(plugin.CUDA_UNSUPPORTED)
-                plugin.validate_backend(path, attn_selector_config, cls.get_device_capability())
+                    raise ValueError(rules.CUDA_UNSUPPORTED)
+                rules.validate_backend(path, attn_selector_config, cls.get_device_capability())
                 return path
             return orig(cls, selected_backend, attn_selector_config, *args, **kwargs)
 
@@ -113,15 +117,17 @@ def _patch_platform(module: str, cls_name: str, backend_path) -> None:
 
     def check_and_update_config(orig):
         def wrapper(cls, vllm_config) -> None:
-            selected = plugin.selected_in(vllm_config)
+            selected = rules.selected_in(vllm_config)
             if selected:
                 if backend_path() is None:
-                    raise ValueError(plugin.CUDA_UNSUPPORTED)
+                    raise ValueError(rules.CUDA_UNSUPPORTED)
                 if vllm_config.use_v2_model_runner:
-                    raise ValueError(plugin.V2_RUNNER_UNSUPPORTED)
+                    raise ValueError(rules.V2_RUNNER_UNSUPPORTED)
             orig(cls, vllm_config)
             if selected:
-                plugin.configure_engine(vllm_config)
+                rules.configure_engine(vllm_config)
+                if metrics.export_from_engine_processes():
+                    use_multiprocess_metric_values()
 
         return wrapper
 
@@ -132,12 +138,10 @@ def _patch_platform(module: str, cls_name: str, backend_path) -> None:
 def _v2_runner_unsupported(orig):
     """On CUDA vLLM 0.32 picks Model Runner V2 whenever Triton is present; listing madakv among
     V2's unsupported features makes vLLM itself choose V1 (and log why)."""
-    from madakv_vllm.integration import plugin
-
     def wrapper(self) -> list[str]:
         unsupported = orig(self)
-        if plugin.selected_in(self):
-            unsupported.append(plugin.V2_RUNNER_UNSUPPORTED_FEATURE)
+        if rules.selected_in(self):
+            unsupported.append(rules.V2_RUNNER_UNSUPPORTED_FEATURE)
         return unsupported
 
     return wrapper
@@ -147,22 +151,18 @@ def _v2_runner_unsupported(orig):
 
 
 def _validate_params(orig):
-    from madakv_vllm.integration import plugin
-
     def wrapper(self, params, supported_tasks):
         result = orig(self, params, supported_tasks)
-        if plugin.selected_in(self.vllm_config):
-            plugin.validate_request_args(self.vllm_config, params.extra_args)
+        if rules.selected_in(self.vllm_config):
+            rules.validate_request_args(self.vllm_config, params.extra_args)
         return result
 
     return wrapper
 
 
 def _note_rendered(renderer, engine_input, skip_mm_cache: bool) -> None:
-    from madakv_vllm.integration import mm_cache, plugin
-
     scope = mm_cache.current()
-    if scope is not None and plugin.selected_in(renderer.config):
+    if scope is not None and rules.selected_in(renderer.config):
         scope.note(renderer, engine_input, skip_mm_cache)
 
 
@@ -181,10 +181,8 @@ def _process_tokens_async(orig):
     rejected request's are, instead of being left in the sender cache only."""
     import asyncio
 
-    from madakv_vllm.integration import mm_cache, plugin
-
     async def wrapper(self, prompt, *args, skip_mm_cache: bool = False, **kwargs):
-        if not plugin.selected_in(self.config):
+        if not rules.selected_in(self.config):
             return await orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs)
         render = asyncio.ensure_future(orig(self, prompt, *args, skip_mm_cache=skip_mm_cache, **kwargs))
         try:
@@ -201,16 +199,14 @@ def _process_tokens_async(orig):
 def _process_inputs(orig):
     """The engine request is built (it goes to the engine core, which stores the new items) or the
     request is rejected: the rendered input's new sender-cache entries are submitted or rolled back."""
-    from madakv_vllm.integration import mm_cache, plugin
-
     def wrapper(self, request_id, prompt, params, *args, **kwargs):
-        if not plugin.selected_in(self.vllm_config):
+        if not rules.selected_in(self.vllm_config):
             return orig(self, request_id, prompt, params, *args, **kwargs)
         with mm_cache.request_scope() as scope:
             before = set(scope.pending)
             try:
                 request = orig(self, request_id, prompt, params, *args, **kwargs)
-                plugin.check_fits_pool(self.vllm_config, request)
+                rules.check_fits_pool(self.vllm_config, request)
             except BaseException:
                 scope.roll_back([id(prompt), *(set(scope.pending) - before)])
                 raise
@@ -221,10 +217,8 @@ def _process_inputs(orig):
 
 
 def _offline_scope(orig):
-    from madakv_vllm.integration import mm_cache, plugin
-
     def wrapper(self, *args, **kwargs):
-        if not plugin.selected_in(self.llm_engine.vllm_config):
+        if not rules.selected_in(self.llm_engine.vllm_config):
             return orig(self, *args, **kwargs)
         with mm_cache.request_scope():
             return orig(self, *args, **kwargs)
@@ -234,12 +228,10 @@ def _offline_scope(orig):
 
 def _entrypoints_middleware(orig):
     """Added last, so outermost: its request scope is set before any other middleware runs."""
-    from madakv_vllm.integration import mm_cache, plugin
-
     def wrapper(args, app, supported_tasks, *rest, **kwargs):
         result = orig(args, app, supported_tasks, *rest, **kwargs)
         # configure_engine ran in this process before the app is built; the flag is the fallback
-        if plugin.selected_in_this_process() or plugin.is_madakv_name(getattr(args, "attention_backend", None)):
+        if rules.selected_in_this_process() or rules.is_madakv_name(getattr(args, "attention_backend", None)):
             app.add_middleware(mm_cache.RejectedRequestRollback)
         return result
 
@@ -252,11 +244,9 @@ def _load_data_url(orig):
     that is no image a 400, like any other bad image."""
     import urllib.parse
 
-    from madakv_vllm.integration import plugin
-
     def wrapper(self, url, media_io, *args, **kwargs):
         spec, sep, data = url[5:].partition(",")
-        if plugin.selected_in_this_process() and sep and spec.rpartition(";")[2] != "base64":
+        if rules.selected_in_this_process() and sep and spec.rpartition(";")[2] != "base64":
             return media_io.load_bytes(urllib.parse.unquote_to_bytes(data))
         return orig(self, url, media_io, *args, **kwargs)
 
@@ -267,10 +257,8 @@ def _load_file_url(orig):
     """vLLM 0.32 answers a file URL outside ``--allowed-local-media-path`` with HTTP 400 but,
     without that flag, with a RuntimeError, hence HTTP 500; a missing or unreadable file is an
     OSError, also a 500. All three are the client's error."""
-    from madakv_vllm.integration import plugin
-
     def wrapper(self, url_spec, media_io, *args, **kwargs):
-        if not plugin.selected_in_this_process():
+        if not rules.selected_in_this_process():
             return orig(self, url_spec, media_io, *args, **kwargs)
         if self.allowed_local_media_path is None:
             raise ValueError("Cannot load local files without `--allowed-local-media-path`.")

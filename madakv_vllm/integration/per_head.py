@@ -17,6 +17,7 @@ import torch
 from madakv_vllm.integration import verify
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
+from madakv_vllm.integration.rules import server_config
 
 # --- worker hook: which request is in which batch row ---------------------------
 #
@@ -44,8 +45,6 @@ RUNNER_NOT_HOOKED = (
 
 def remember_engine_config(vllm_config) -> None:
     """Called as each attention layer is built (vLLM's current config is set then)."""
-    from madakv_vllm.integration.plugin import server_config
-
     global _SPEC_FIELDS
     _SPEC_FIELDS = (server_config(vllm_config).model_dump_json(), vllm_config.scheduler_config.max_num_batched_tokens)
 

@@ -72,8 +72,8 @@ REGISTRY = {
     "lookm": lambda cfg, common, pooled: LookMPolicy(**common, recent_ratio=cfg.h2o_recent_ratio),
     "madakv": lambda cfg, common, pooled: MadaKVPolicy(
         **common, scorer=pooled, mpa=cfg.mpa, hcc=cfg.hcc, theta=cfg.theta, min_per_head=cfg.head_floor,
-        max_scale=cfg.hcc_max_scale, min_scale=cfg.hcc_min_scale, hcc_mode=cfg.hcc_mode, pyramid_beta=cfg.pyramid_beta,
-        mpa_mix=cfg.mpa_mix, mpa_split=cfg.mpa_split),
+        max_scale=cfg.hcc_max_scale, min_scale=cfg.experimental.hcc_min_scale, hcc_mode=cfg.hcc_reading,
+        pyramid_beta=cfg.pyramid_beta, mpa_mix=cfg.experimental.mpa_mix, mpa_split=cfg.experimental.mpa_split),
 }
 assert set(REGISTRY) == set(POLICIES), "every policy name has exactly one constructor"
 
