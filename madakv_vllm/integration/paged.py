@@ -59,7 +59,7 @@ class FlatKVCache:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [n, D]; slots: flat slot = subblock * bs + offset. Unquantized caches only
-        (plugin.configure_engine refuses the others), so the scales are 1."""
+        (rules.configure_engine refuses the others), so the scales are 1."""
         self._write(k.unsqueeze(1), v.unsqueeze(1), self.key, self.value, slots)
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
