@@ -126,3 +126,40 @@ def test_eviction_end_to_end_in_the_isa_vllm_picks(engine, dtype):
     prompt_pages = -(-len(outs[0].prompt_token_ids) // 32)
     assert held and max(held.values()) <= 0.35 * prompt_pages + 3, (held, prompt_pages)  # stock: all + 2
     assert free_blocks(llm) == free0
+
+
+# --- what startup can find stops startup ---------------------------------------------------------
+
+
+def _start(model_dir):
+    from vllm import LLM
+
+    return LLM(model=str(model_dir("llama")), enforce_eager=True, max_model_len=1024, block_size=32,
+               dtype="bfloat16", attention_backend="madakv")
+
+
+def test_an_unreadable_kv_layout_stops_the_engine_at_startup(model_dir, monkeypatch):
+    """No ISA's layout reads back: the engine does not start (rather than dying at a request), and
+    the error names the ISA, the dtype and the CPU."""
+    from madakv_vllm.integration import cpu_backend
+    from madakv_vllm.integration.block_layout import LayoutError
+
+    def unreadable(isa, *args):
+        raise LayoutError(f"madakv: emulated unreadable layout of {isa}")
+
+    monkeypatch.setattr(cpu_backend, "kernel_layout", unreadable)
+    with pytest.raises(Exception, match=r"cannot run CPU attention ISA '\w+' with torch.bfloat16 on ") as err:
+        _start(model_dir)
+    assert cpu_name() in str(err.value)
+
+
+def test_a_kv_cache_the_backend_cannot_view_stops_the_engine_at_startup(model_dir, monkeypatch):
+    """The per-head view of the KV buffer is bound once vLLM has allocated it, before any request."""
+    from madakv_vllm.integration import cpu_backend
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("madakv: unexpected KV cache view (emulated)")
+
+    monkeypatch.setattr(cpu_backend, "FlatKVCache", refuse)
+    with pytest.raises(Exception, match="unexpected KV cache view"):
+        _start(model_dir)

@@ -257,8 +257,8 @@ def test_worker_refuses_to_start_under_a_runner_it_does_not_hook(model_dir, monk
 
     madakv_vllm.register()  # installs the hook (patches.py)
 
-    hooked = GPUModelRunner.initialize_metadata_builders
-    monkeypatch.setattr(GPUModelRunner, "initialize_metadata_builders", hooked.__wrapped__)
+    hooked = GPUModelRunner.initialize_kv_cache
+    monkeypatch.setattr(GPUModelRunner, "initialize_kv_cache", hooked.__wrapped__)
     with pytest.raises(Exception, match="refusing to start"):
         LLM(model=str(model_dir("llama")), enforce_eager=True, max_model_len=1024, block_size=32, dtype="float32",
             attention_backend="madakv")

@@ -50,8 +50,9 @@ VLLM_TOUCHPOINTS = [
       "tells our manager each request's config"),
     T("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", "wrapped", ("self", "scheduler_output"),
       "drop finished, preempted and resumed requests"),
-    T("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_metadata_builders", "wrapped",
-      ("self", "kv_cache_config"), "hands the V1 runner to our builders (none outside it: fail closed)"),
+    T("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache", "wrapped",
+      ("self", "kv_cache_config"), "hands the V1 runner to our builders (none outside it: fail closed); they "
+      "bind their views of the KV cache it allocates"),
     # -- subclassed, and the methods our subclasses override ----------------------------------------
     T("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "subclassed", None, "MadaKVCPUBackend"),
     T("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder", "subclassed", None, "MadaKVCPUMetadataBuilder"),

@@ -133,7 +133,7 @@ def layer_caches(vllm_config, layer_names: list[str]) -> list[torch.Tensor]:
 class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.runner = per_head.hooked_runner(type(self).__name__)
+        self.runner = per_head.hooked_runner(self)
         isa = readable_isa(self.isa, self.dtype, self.block_size, self.head_dim, self.kv_cache_dtype)
         if isa != self.isa:
             self.isa = isa
@@ -144,13 +144,15 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
         per_head.STATES.add(self.state)
 
+    def bind_kv_cache(self) -> None:
+        """At startup, once the runner has allocated the KV cache (per_head.initializing_kv_cache)."""
+        self.state.cache = FlatKVCache(layer_caches(self.vllm_config, self._layers), self.isa, self.kv_cache_dtype)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         cm = common_attn_metadata
         if not isinstance(cm.causal, bool):
             raise ValueError("--attention-backend madakv supports causal decoder attention only")
         st = self.state
-        if st.cache is None:
-            st.cache = FlatKVCache(layer_caches(self.vllm_config, self._layers), self.isa, self.kv_cache_dtype)
         batch = per_head.build_batch(st, common_attn_metadata, self.block_size, self.runner)
         H, R = self.num_kv_heads, common_attn_metadata.num_reqs
         sched = []

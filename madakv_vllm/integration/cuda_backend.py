@@ -110,7 +110,7 @@ class MadaKVCUDAMetadataBuilder(AttentionMetadataBuilder[MadaKVCUDAMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.runner = per_head.hooked_runner(type(self).__name__)
+        self.runner = per_head.hooked_runner(self)
         from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 
         num_heads = get_num_attention_heads_from_layers(vllm_config, layer_names) or (
@@ -125,10 +125,12 @@ class MadaKVCUDAMetadataBuilder(AttentionMetadataBuilder[MadaKVCUDAMetadata]):
         )
         per_head.STATES.add(self.state)
 
+    def bind_kv_cache(self) -> None:
+        """At startup, once the runner has allocated the KV cache (per_head.initializing_kv_cache)."""
+        self.state.cache = TorchFlatKVCache(layer_caches(self.vllm_config, self._layers))
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         st = self.state
-        if st.cache is None:
-            st.cache = TorchFlatKVCache(layer_caches(self.vllm_config, self._layers))
         batch = per_head.build_batch(st, common_attn_metadata, self.block_size, self.runner)
         dev = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         return MadaKVCUDAMetadata(

@@ -21,7 +21,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``MediaConnector._load_file_url`` | a file URL the server may not or cannot read is a 400 (vLLM 0.32: 500 without ``--allowed-local-media-path``) |
 | ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
-| ``GPUModelRunner.initialize_metadata_builders`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start) |
+| ``GPUModelRunner.initialize_kv_cache`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start), which then bind their per-head views of the KV cache it allocated |
 
 One assignment that is not a wrapper, made by the ``check_and_update_config`` wrapper only when
 ``metrics.export_from_engine_processes`` has turned on vLLM's multiprocess Prometheus mode after
@@ -70,8 +70,7 @@ def install() -> None:
     _wrap("vllm.multimodal.media.connector", "MediaConnector._load_file_url", _load_file_url)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", _allocate_slots)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
-    _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_metadata_builders",
-          _initialize_metadata_builders)
+    _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache", _initialize_kv_cache)
 
 
 def _wrap(module: str, qualname: str, make_wrapper, as_classmethod: bool = False) -> None:
@@ -305,11 +304,11 @@ def _update_states(orig):
     return wrapper
 
 
-def _initialize_metadata_builders(orig):
+def _initialize_kv_cache(orig):
     def wrapper(self, *args, **kwargs):
         from madakv_vllm.integration import per_head
 
-        with per_head.building_for(self):
+        with per_head.initializing_kv_cache(self):
             return orig(self, *args, **kwargs)
 
     return wrapper

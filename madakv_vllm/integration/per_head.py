@@ -32,8 +32,8 @@ from madakv_vllm.integration.rules import server_config
 # this process; customize_spec gets no config.
 _SPEC_FIELDS: tuple[str, int] | None = None
 STATES: "weakref.WeakSet[WorkerKV]" = weakref.WeakSet()
-# The hooked runner whose attention metadata builders are being built right now.
-_BUILDING_RUNNER = None
+# (the hooked runner initializing its KV cache right now, the builders it has built so far)
+_BUILDING_RUNNER: tuple | None = None
 
 RUNNER_NOT_HOOKED = (
     "madakv: the attention backend is being built by a model runner madakv-vllm does not hook ({}); "
@@ -59,11 +59,15 @@ def customize_spec(spec):
     return MadaKVAttentionSpec.from_full(spec, *_SPEC_FIELDS)
 
 
-def hooked_runner(caller: str):
-    """The V1 model runner building ``caller`` (a metadata builder); raises if there is none."""
+def hooked_runner(builder):
+    """The V1 model runner building ``builder`` (one of our metadata builders); raises if there is
+    none. The builder's ``bind_kv_cache()`` runs once the runner has allocated the KV cache."""
     if _BUILDING_RUNNER is None:
-        raise RuntimeError(RUNNER_NOT_HOOKED.format(f"{caller} built outside GPUModelRunner.initialize_metadata_builders"))
-    return _BUILDING_RUNNER
+        raise RuntimeError(RUNNER_NOT_HOOKED.format(
+            f"{type(builder).__name__} built outside GPUModelRunner.initialize_kv_cache"))
+    runner, built = _BUILDING_RUNNER
+    built.append(builder)
+    return runner
 
 
 def drop_requests(req_ids) -> None:
@@ -75,15 +79,19 @@ def drop_requests(req_ids) -> None:
 
 
 @contextlib.contextmanager
-def building_for(runner):
-    """While the hooked V1 runner builds its attention metadata builders
-    (patches: GPUModelRunner.initialize_metadata_builders)."""
+def initializing_kv_cache(runner):
+    """While the hooked V1 runner builds its attention metadata builders and allocates the KV
+    cache (patches: GPUModelRunner.initialize_kv_cache); then our builders bind their per-head
+    views of it, so a cache they cannot view stops startup rather than the first request."""
     global _BUILDING_RUNNER
-    _BUILDING_RUNNER = runner
+    built: list = []
+    _BUILDING_RUNNER = (runner, built)
     try:
         yield
     finally:
         _BUILDING_RUNNER = None
+    for builder in built:
+        builder.bind_kv_cache()
 
 
 # --- one step's batch, per (request, KV head) --------------------------------------
