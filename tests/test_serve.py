@@ -104,6 +104,55 @@ def test_metrics_count_what_the_page_contract_says(server):
     assert "vllm:kv_cache_usage_perc" in metrics(port)  # vLLM's own metrics are still there
 
 
+def _families(port) -> dict:
+    """/metrics as {family: (type, {(sample name, sorted labels): value})}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {f.name: (f.type, {(s.name, tuple(sorted(s.labels.items()))): s.value for s in f.samples})
+            for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_families_are_stocks_plus_madakv_from_startup(model_dir, tmp_path):
+    """Stock `vllm serve` and `vllm serve --attention-backend madakv` on the same model and settings
+    (prefix caching off in both: madakv turns it off): /metrics has the same families, types and
+    sample label sets, plus madakv:*, on the idle server and after one request; on the idle server
+    every vllm:* sample has stock's value (the gauges at 0, not missing) but the _created times."""
+    model = model_dir("qwen2vl")
+    args = ["--max-model-len", "4096", "--block-size", "32", "--enforce-eager", "--no-enable-prefix-caching"]
+    madakv_args = ["--attention-backend", "madakv", "--additional-config", json.dumps({"madakv": SERVER_CONFIG})]
+    seen = {}
+    for name, extra in [("stock", []), ("madakv", madakv_args)]:
+        port = free_port()
+        with serve(model, port, *extra, *args, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, log=tmp_path / f"{name}.log"):
+            idle = _families(port)
+            r = chat_with_image(port, str(model), n_images=2, text="compare the images " * 100, max_tokens=8)
+            assert r.usage.completion_tokens == 8
+            seen[name] = idle, _families(port)
+    from madakv_vllm.integration.metrics import FAMILIES
+
+    ours = {name for name, *_ in FAMILIES}
+    for phase in (0, 1):
+        stock, madakv = seen["stock"][phase], seen["madakv"][phase]
+        assert set(madakv) == set(stock) | ours, (phase, set(madakv) ^ (set(stock) | ours))
+        for family, (typ, samples) in stock.items():
+            assert madakv[family][0] == typ, family
+            assert set(madakv[family][1]) == set(samples), (phase, family, set(madakv[family][1]) ^ set(samples))
+            if phase == 0 and family.startswith("vllm:"):
+                assert {k: v for k, v in madakv[family][1].items() if not k[0].endswith("_created")} == {
+                    k: v for k, v in samples.items() if not k[0].endswith("_created")}, family
+    idle, after = seen["madakv"]
+    assert idle["vllm:num_requests_waiting"][1] and not any(idle["vllm:num_requests_waiting"][1].values())
+    assert idle["madakv:kv_pages_freed"][1] == {("madakv:kv_pages_freed_total", ()): 0.0}
+    assert after["madakv:requests_compressed"][1] == {
+        ("madakv:requests_compressed_total", (("policy", "madakv"),)): 1.0}
+    assert after["madakv:kv_pages_freed"][1][("madakv:kv_pages_freed_total", ())] > 0
+    assert after["madakv:compression_seconds"][1][("madakv:compression_seconds_count", (("event", "prompt"),))] == 1
+    assert "process_resident_memory_bytes" in after and "python_info" in after
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "data:,", "data:image/png,%89PNG%0D%0A"])
 def test_image_urls_vllm_answered_with_a_5xx_are_a_400(server, url):
     """Stock vLLM 0.32: a file URL without --allowed-local-media-path is a 500, a data URL without

@@ -22,11 +22,6 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner.initialize_metadata_builders`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start) |
-
-One assignment that is not a wrapper, made only when ``metrics.export_from_engine_processes``
-turns on vLLM's multiprocess Prometheus mode after start: ``prometheus_client.values.ValueClass``
-(prometheus_client picks it once, at import, from ``PROMETHEUS_MULTIPROC_DIR``), so that the
-metrics vLLM creates from then on are written where ``/metrics`` reads them.
 """
 
 from __future__ import annotations
@@ -82,14 +77,6 @@ def _wrap(module: str, qualname: str, make_wrapper, as_classmethod: bool = False
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(owner, attr, classmethod(wrapper) if as_classmethod else wrapper)
     PATCHED.append((module, qualname))
-
-
-def use_multiprocess_metric_values() -> None:
-    """Metrics created from now on in this process keep their values in the multiprocess directory
-    (``PROMETHEUS_MULTIPROC_DIR``, set just before), as if the variable had been set at start."""
-    from prometheus_client import values
-
-    values.ValueClass = values.MultiProcessValue()
 
 
 # --- platforms (every process) ---------------------------------------------------------------
