@@ -1,17 +1,20 @@
 """End-to-end demo: a trained VLM answers a long multimodal question through ``vllm serve
---attention-backend madakv``, once with the full KV cache and once compressed.
+--attention-backend madakv``, with the full KV cache and compressed at two budgets.
 
-    python -m madakv_vllm.demo [--budget 0.2] [--policy madakv] [--images 48] [--seed 7] [--port 0]
+    .venv/bin/python -m madakv_eval.demo [--budgets 0.5 0.2] [--policy madakv] [--images 48] [--seed 3]
 
+Run from the checkout (``madakv_eval`` is the repository's evaluation tooling, not in the wheel).
 The model is the small Qwen2-VL-shaped proxy VLM trained in this repository (rebuilt from
 ``scripts/assets/proxy_vlm`` if ``models/proxy-vlm`` is missing); it finds a 6-word code hidden
 among dozens of images and filler text (``madakv_eval.proxy_tasks``, text-needle task). The demo
-starts ``vllm serve`` on 127.0.0.1, asks the same question twice through the ``openai`` client
-(per-request ``vllm_xargs``: policy ``full``, then the chosen policy and budget), and prints a
-table: both answers and the expected one; the KV pages the request held after its prompt was
-compressed, read from vLLM's own ``vllm:kv_cache_usage_perc`` while it decodes; the prompt's text
-and image tokens and how many each KV head kept (from the plugin's per-compression DEBUG line,
-switched on for the ``vllm.madakv`` logger only); the wall time. vLLM's log goes to a file.
+starts ``vllm serve`` on 127.0.0.1, asks the same question through the ``openai`` client with
+policy ``full``, then with the chosen policy at each budget (per-request ``vllm_xargs``), and
+prints a table: the answers and the expected one; the KV pages each request held after its prompt
+was compressed and, for the full cache, before (the plugin's per-request DEBUG line
+``madakv compressed request=... pages=before->after``, switched on for the ``vllm.madakv`` logger
+only: written by the worker when it compresses the prompt, so it cannot be read too early); the
+prompt's text and image tokens and how many each KV head kept (same line); the wall time. vLLM's
+log goes to ``models/demo-serve.log``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ import io
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from madakv_eval.serve import free_port, serve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 
 PROXY_TASK = "text_needle"
@@ -77,50 +79,18 @@ def logging_config(path: Path) -> Path:
     return path
 
 
-def held_pages(port: int) -> int:
-    """KV pages in use now, from vLLM's own gauges (usage x pool size, the null block excluded)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    usage, blocks = None, None
-    for line in text.splitlines():
-        if line.startswith("vllm:kv_cache_usage_perc"):
-            usage = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vllm:cache_config_info"):
-            for item in line[line.index("{") + 1 : line.index("}")].split(","):
-                key, _, value = item.partition("=")
-                if key == "num_gpu_blocks":
-                    blocks = int(value.strip('"'))
-    if usage is None or blocks is None:
-        raise RuntimeError("vLLM's /metrics has no kv_cache_usage_perc or cache_config_info")
-    return round(usage * (blocks - 1))
-
-
-#: Tokens generated after the answer (``ignore_eos``), so the page reads happen while the request runs.
-DECODE_EXTRA = 400
-
-
-def ask(port: int, model: str, messages, xargs: dict, answer_tokens: int, extra_tokens: int = DECODE_EXTRA) -> dict:
-    """Stream one answer; once the answer tokens are out (the prompt is compressed by then), read
-    the KV pages the request holds while it keeps decoding (``ignore_eos``; the extra tokens keep
-    it running for a second or two, so the reads happen while it is in flight)."""
+def ask(port: int, model: str, messages, xargs: dict, answer_tokens: int) -> dict:
+    """One answer (greedy, the code's words after the ``:`` the model writes first)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
     t0 = time.time()
-    stream = client.chat.completions.create(
-        model=model, messages=messages, max_tokens=1 + answer_tokens + extra_tokens, temperature=0, stream=True,
-        extra_body={"vllm_xargs": xargs, "continue_final_message": True, "add_generation_prompt": False,
-                    "ignore_eos": True},
+    r = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=1 + answer_tokens, temperature=0,
+        extra_body={"vllm_xargs": xargs, "continue_final_message": True, "add_generation_prompt": False},
     )
-    pieces, reads = [], []
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            pieces.append(chunk.choices[0].delta.content)
-            if 1 + answer_tokens + 2 <= len(pieces) <= 1 + answer_tokens + 12:
-                reads.append(held_pages(port))
-    pages = max(reads) if reads else None  # the only running request: what it holds
-    text = "".join(pieces)
-    words = text.lstrip(": ").split()
-    return {"answer": " ".join(words[:answer_tokens]), "pages": pages, "seconds": time.time() - t0}
+    words = (r.choices[0].message.content or "").lstrip(": ").split()
+    return {"answer": " ".join(words[:answer_tokens]), "seconds": time.time() - t0}
 
 
 def compression_lines(log: Path) -> list[dict]:
@@ -138,12 +108,26 @@ def compression_lines(log: Path) -> list[dict]:
     return out
 
 
+def wait_for_compression(log: Path, seen: int, timeout: float = 60) -> dict:
+    """The plugin's line for the request just served: the first line after the ``seen`` earlier
+    ones (requests run one at a time). The worker writes it when it compresses the prompt, before
+    the answer's first token; a missing line is an error, never a page count of 0."""
+    deadline = time.time() + timeout
+    while True:
+        lines = compression_lines(log)
+        if len(lines) > seen:
+            return lines[seen]
+        if time.time() > deadline:
+            raise RuntimeError(f"no compression was logged for the request within {timeout:.0f} s (see {log})")
+        time.sleep(0.2)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="madakv")
-    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2], help="compressed runs, beside the full cache")
     ap.add_argument("--images", type=int, default=48, help="images in the prompt (~20 tokens each with filler)")
-    ap.add_argument("--seed", type=int, default=7, help="which prompt (proxy_tasks.make_sample seed)")
+    ap.add_argument("--seed", type=int, default=3, help="which prompt (proxy_tasks.make_sample seed)")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args(argv)
     from madakv_eval import proxy_tasks as pt
@@ -157,38 +141,61 @@ def main(argv=None) -> int:
     print(f"serving {model.name} (a small VLM trained here) with --attention-backend madakv on 127.0.0.1:{port}"
           f"\nvLLM log: {log}", flush=True)
     env = {"VLLM_LOGGING_CONFIG_PATH": str(logging_config(ROOT / "models" / "demo-logging.json"))}
+    runs = [("full cache", {"madakv_policy": "full"})]
+    runs += [(f"{args.policy} @ {b:g}", {"madakv_policy": args.policy, "madakv_budget": b}) for b in args.budgets]
+    results = []
     with serve(model, port, "--attention-backend", "madakv", "--max-model-len", "4096", "--block-size", "32",
                "--limit-mm-per-prompt", json.dumps({"image": args.images}), "--enforce-eager", env=env, log=log):
         t_ready = time.time()
         messages = proxy_messages(sample)
-        full = ask(port, str(model), messages, {"madakv_policy": "full"}, k)
-        ours = ask(port, str(model), messages, {"madakv_policy": args.policy, "madakv_budget": args.budget}, k)
-    comp = compression_lines(log)
+        for label, xargs in runs:
+            seen = len(compression_lines(log))
+            r = ask(port, str(model), messages, xargs, k)
+            r["compression"] = None if xargs["madakv_policy"] == "full" else wait_for_compression(log, seen)
+            if r["compression"] and (r["compression"]["policy"], float(r["compression"]["budget"])) != (
+                    xargs["madakv_policy"], xargs["madakv_budget"]):
+                raise RuntimeError(f"the plugin logged {r['compression']} for the request {label}")
+            results.append((label, r))
+    comp = [r["compression"] for _, r in results if r["compression"]]
     if not comp:
-        raise RuntimeError(f"no compression was logged (see {log})")
-    c = comp[-1]
+        raise RuntimeError("no compressed run: give at least one budget below 1 and a policy other than full")
+    before = {c["pages"][0] for c in comp}  # the prompt's pages before compression: what the full cache holds
+    if len(before) != 1 or min(before) <= 0 or min(c["pages"][1] for c in comp) <= 0:
+        raise RuntimeError(f"unexpected page counts in the plugin's log: {[c['pages'] for c in comp]}")
+    full_pages = before.pop()
     expected = " ".join(sample.answer)
-    label = f"{args.policy} @ {args.budget:g}"
-    rows = [
-        ("answer", full["answer"], ours["answer"]),
-        ("correct", str(full["answer"] == expected), str(ours["answer"] == expected)),
-        ("KV pages held (vLLM's usage)", str(full["pages"]), str(ours["pages"])),
-    ]
-    for name, (n_prompt, kept) in c["kept"].items():
-        rows.append((f"{name} tokens kept per head", f"{n_prompt:.0f} of {n_prompt:.0f}",
-                     f"{kept:.1f} of {n_prompt:.0f} ({kept / n_prompt:.0%})"))
-    rows.append((f"request time ({1 + k + DECODE_EXTRA} tokens out)", f"{full['seconds']:.2f} s", f"{ours['seconds']:.2f} s"))
+    c = comp[0]
+
+    def pages(r):
+        return full_pages if r["compression"] is None else r["compression"]["pages"][1]
+
+    def kept(r, name):
+        n_prompt, n_kept = c["kept"][name]
+        if r["compression"] is None:
+            return f"{n_prompt:.0f} of {n_prompt:.0f}"
+        n_kept = r["compression"]["kept"][name][1]
+        return f"{n_kept:.1f} of {n_prompt:.0f} ({n_kept / n_prompt:.0%})"
+
+    rows = [("answer", [r["answer"] for _, r in results]),
+            ("correct", [str(r["answer"] == expected) for _, r in results]),
+            ("KV pages held", [str(pages(r)) for _, r in results])]
+    rows += [(f"{name} tokens kept per head", [kept(r, name) for _, r in results]) for name in c["kept"]]
+    rows.append(("request time", [f"{r['seconds']:.2f} s" for _, r in results]))
     print(f"\nprompt: {c['tokens']} tokens, {args.images} images, a 6-word code hidden at image "
           f"{sample.needle_slots[0] + 1}; expected answer: {expected}\n")
-    width = max(len(r[0]) for r in rows) + 2
-    print(f"{'':<{width}}{'full cache':<34}{label}")
-    for name, a, b in rows:
-        print(f"{name:<{width}}{a:<34}{b}")
-    saved = 1 - ours["pages"] / full["pages"] if full["pages"] else float("nan")
-    print(f"\nKV cache after compression: {ours['pages']} pages instead of {full['pages']} ({saved:.0%} freed, "
-          f"back in vLLM's pool); plugin: pages {c['pages'][0]} -> {c['pages'][1]}")
-    print(f"server start {t_ready - t0:.0f} s, total {time.time() - t0:.0f} s")
-    return 0 if full["answer"] == expected else 1
+    widths = [max(len(r[0]) for r in rows) + 2]
+    widths += [max(len(label), *(len(r[1][i]) for r in rows)) + 3 for i, (label, _) in enumerate(results)]
+    print("".join(f"{text:<{w}}" for text, w in zip(["", *(label for label, _ in results)], widths)).rstrip())
+    for name, cells in rows:
+        print("".join(f"{text:<{w}}" for text, w in zip([name, *cells], widths)).rstrip())
+    print()
+    for label, r in results[1:]:
+        n = pages(r)
+        print(f"{label}: {n} KV pages instead of {full_pages} ({1 - n / full_pages:.0%} back in vLLM's pool), "
+              f"answer {'right' if r['answer'] == expected else 'wrong'}")
+    print(f"(pages: the plugin's per-request log line, pages=before->after; server start {t_ready - t0:.0f} s, "
+          f"total {time.time() - t0:.0f} s)")
+    return 0 if results[0][1]["answer"] == expected else 1
 
 
 if __name__ == "__main__":
