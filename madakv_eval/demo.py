@@ -13,8 +13,8 @@ prints a table: the answers and the expected one; the KV pages each request held
 was compressed and, for the full cache, before (the plugin's per-request DEBUG line
 ``madakv compressed request=... pages=before->after``, switched on for the ``vllm.madakv`` logger
 only: written by the worker when it compresses the prompt, so it cannot be read too early); the
-prompt's text and image tokens and how many each KV head kept (same line); the wall time. vLLM's
-log goes to ``models/demo-serve.log``.
+prompt's text and image tokens and how many each KV head kept (same line). vLLM's log goes to
+``models/demo-serve.log``.
 """
 
 from __future__ import annotations
@@ -84,13 +84,12 @@ def ask(port: int, model: str, messages, xargs: dict, answer_tokens: int) -> dic
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
-    t0 = time.time()
     r = client.chat.completions.create(
         model=model, messages=messages, max_tokens=1 + answer_tokens, temperature=0,
         extra_body={"vllm_xargs": xargs, "continue_final_message": True, "add_generation_prompt": False},
     )
     words = (r.choices[0].message.content or "").lstrip(": ").split()
-    return {"answer": " ".join(words[:answer_tokens]), "seconds": time.time() - t0}
+    return {"answer": " ".join(words[:answer_tokens])}
 
 
 def compression_lines(log: Path) -> list[dict]:
@@ -180,7 +179,6 @@ def main(argv=None) -> int:
             ("correct", [str(r["answer"] == expected) for _, r in results]),
             ("KV pages held", [str(pages(r)) for _, r in results])]
     rows += [(f"{name} tokens kept per head", [kept(r, name) for _, r in results]) for name in c["kept"]]
-    rows.append(("request time", [f"{r['seconds']:.2f} s" for _, r in results]))
     print(f"\nprompt: {c['tokens']} tokens, {args.images} images, a 6-word code hidden at image "
           f"{sample.needle_slots[0] + 1}; expected answer: {expected}\n")
     widths = [max(len(r[0]) for r in rows) + 2]
