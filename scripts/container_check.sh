@@ -196,7 +196,7 @@ def png_data_url(image):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-def proxy_messages(sample):  # as madakv_vllm/demo.py: text and images interleaved, answer continued
+def proxy_messages(sample):  # as madakv_eval/demo.py: text and images interleaved, answer continued
     content = []
     for part in sample.parts:
         if isinstance(part, pt.ImageSpec):

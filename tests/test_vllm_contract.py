@@ -7,6 +7,7 @@ must still accept the arguments we pass; the KV block layout must still read bac
 import dataclasses
 import importlib
 import inspect
+import os
 
 import pytest
 import torch
@@ -288,20 +289,43 @@ def test_cpu_backend_capabilities_are_checked_by_vllms_own_validation(change, re
             rules.validate_backend(rules.CPU_BACKEND_PATH, cfg, None)
 
 
-def test_metrics_endpoint_reads_every_process_when_the_multiprocess_dir_is_set(monkeypatch, tmp_path):
-    """metrics.export_from_engine_processes sets PROMETHEUS_MULTIPROC_DIR after start and swaps
-    prometheus_client's value class: vLLM's /metrics registry must then merge the directory's files."""
-    from prometheus_client import Counter, CollectorRegistry, values
+def test_metrics_endpoint_shows_what_engine_processes_counted(monkeypatch, tmp_path):
+    """vLLM's /metrics serves prometheus_client's default registry while PROMETHEUS_MULTIPROC_DIR is
+    unset (stock single-process metrics); the collector metrics.export_from_engine_processes puts
+    there merges what other processes wrote to MADAKV_METRICS_DIR, and shows every family at startup."""
+    import subprocess
+    import sys
+
+    from prometheus_client import REGISTRY, CollectorRegistry
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    from madakv_vllm.integration import patches
+    from madakv_vllm.integration import metrics
 
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    monkeypatch.setattr(values, "ValueClass", values.ValueClass)  # restored afterwards
-    patches.use_multiprocess_metric_values()
-    Counter("madakv:contract_probe", "probe", registry=CollectorRegistry()).inc(3)  # written to tmp_path
-    samples = {s.name: s.value for m in get_prometheus_registry().collect() for s in m.samples}
-    assert samples.get("madakv:contract_probe_total") == 3
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    assert get_prometheus_registry() is REGISTRY
+    registry = CollectorRegistry()
+    registry.register(metrics.FileCollector(str(tmp_path)))
+
+    def samples():
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in registry.collect() for s in m.samples}
+
+    names = {m.name for m in registry.collect()}
+    assert names == {name for name, *_ in metrics.FAMILIES}
+    assert samples() == {("madakv:kv_pages_freed_total", ()): 0.0}
+    probe = ("from madakv_vllm.integration import metrics\n"
+             "metrics.pages_freed(5); metrics.request_compressed('snapkv')\n"
+             "metrics.compression('prompt', [3, 4, 0, 0], [10, 8, 0, 0], 0.02)\n")
+    env = {**os.environ, metrics.ENV_DIR: str(tmp_path)}
+    for _ in range(2):  # two engine processes
+        subprocess.run([sys.executable, "-c", probe], env=env, check=True, timeout=120)
+    s = samples()
+    assert s[("madakv:kv_pages_freed_total", ())] == 10
+    assert s[("madakv:requests_compressed_total", (("policy", "snapkv"),))] == 2
+    assert s[("madakv:tokens_kept_total", (("event", "prompt"), ("modality", "image")))] == 8
+    assert s[("madakv:tokens_evicted_total", (("event", "prompt"), ("modality", "text")))] == 14
+    assert s[("madakv:compression_seconds_count", (("event", "prompt"),))] == 2
+    assert s[("madakv:compression_seconds_bucket", (("event", "prompt"), ("le", "0.03")))] == 2
+    assert s[("madakv:compression_seconds_bucket", (("event", "prompt"), ("le", "0.01")))] == 0
 
 
 def _tiny_config(kind: str):

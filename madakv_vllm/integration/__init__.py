@@ -122,7 +122,7 @@ VLLM_TOUCHPOINTS = [
       "the mirrored sender cache"),
     T("vllm.renderers.base", "BaseRenderer.mm_processor_cache", "read", None, "the sender cache"),
     T("vllm.v1.metrics.prometheus", "get_prometheus_registry", "read", None,
-      "/metrics reads PROMETHEUS_MULTIPROC_DIR when set: we set it with one API server too"),
+      "/metrics serves prometheus_client's default registry (our collector) unless PROMETHEUS_MULTIPROC_DIR is set"),
     T("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager.req_to_blocks", "read", None,
       "pages freed, for madakv:kv_pages_freed"),
     T("vllm.v1.core.single_type_kv_cache_manager", "SingleTypeKVCacheManager._null_block", "read", None,

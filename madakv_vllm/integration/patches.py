@@ -23,12 +23,6 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner.initialize_kv_cache`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start), which then bind their per-head views of the KV cache it allocated |
 
-One assignment that is not a wrapper, made by the ``check_and_update_config`` wrapper only when
-``metrics.export_from_engine_processes`` has turned on vLLM's multiprocess Prometheus mode after
-start: ``prometheus_client.values.ValueClass`` (prometheus_client picks it once, at import, from
-``PROMETHEUS_MULTIPROC_DIR``), so that the metrics vLLM creates from then on are written where
-``/metrics`` reads them.
-
 What the wrappers apply lies below this module and never imports it: ``rules.py`` (startup checks,
 request validation, admission), ``mm_cache.py``, ``metrics.py``, and the scheduler and worker
 modules (``kv_manager.py``, ``per_head.py``, imported when a wrapper first runs: they load vLLM's
@@ -89,14 +83,6 @@ def _wrap(module: str, qualname: str, make_wrapper, as_classmethod: bool = False
     PATCHED.append((module, qualname))
 
 
-def use_multiprocess_metric_values() -> None:
-    """Metrics created from now on in this process keep their values in the multiprocess directory
-    (``PROMETHEUS_MULTIPROC_DIR``, set just before), as if the variable had been set at start."""
-    from prometheus_client import values
-
-    values.ValueClass = values.MultiProcessValue()
-
-
 # --- platforms (every process) ---------------------------------------------------------------
 
 
@@ -125,8 +111,7 @@ def _patch_platform(module: str, cls_name: str, backend_path) -> None:
             orig(cls, vllm_config)
             if selected:
                 rules.configure_engine(vllm_config)
-                if metrics.export_from_engine_processes():
-                    use_multiprocess_metric_values()
+                metrics.export_from_engine_processes()
 
         return wrapper
 
