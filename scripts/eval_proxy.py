@@ -111,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed of the split")
     p.add_argument("--split", default="eval", choices=["eval", "dev", "test"],
                    help="prompt split: 'dev' for tuning, 'test' for reporting only (never tuned on); "
-                        "'eval' is the split earlier sessions used (and tuned on)")
+                        "'eval' is the older, undivided split (tuned on; not for reporting)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                    help="an extra MadaKVConfig variant to run as a policy NAME (e.g. "
                         "'hccg:hcc_mode=global,theta=0.7'; readings of the experimental block by their own "

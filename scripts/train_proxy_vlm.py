@@ -125,8 +125,8 @@ full-attention prefill): exact match 0.00, 0.00, 0.05, 0.00 (answer tokens 2..K 
 0.12, 0.53 -- about chance for the comparison's same/not --, 0.03), i.e. the answers are read
 from the cache at decode time, not precomputed in the window.
 
-The assets before these (sha256 1751c981...; the v2 results of earlier sessions in
-docs/results.md were measured on them) came from two time-limited runs, ``--geometry v2
+The assets before these (sha256 1751c981...; older v2 data files in docs/data/ were measured
+on them) came from two time-limited runs, ``--geometry v2
 --max-minutes 85 --cosine-minutes 20`` then a 10-minute second cosine stage from it, which
 stopped on their time limits and so could not be rerun bit for bit.
 """
