@@ -3,8 +3,8 @@
 and what ``--attention-backend madakv`` (which today runs with prefix caching off) pays for it.
 
     python scripts/bench_multiturn.py [--setups stock-pc,madakv-nopc,madakv-pc] [--budget 0.2]
-                                      [--policy madakv] [--turns 4] [--conversations 5]
-                                      [--questions 8] [--images 96] [--seed 0]
+                                      [--policy madakv] [--turns 4] [--conversations 10]
+                                      [--questions 16] [--images 96] [--seed 0]
                                       [--model models/proxy-vlm] [--out-json models/bench_multiturn.json]
 
 One ``vllm serve`` at a time on 127.0.0.1 (block size 32, eager), talked to with the ``openai``
@@ -21,7 +21,10 @@ madakv setups run ``--additional-config {"madakv": {"policy": --policy, "budget"
 
 Model: the accuracy proxy VLM (``models/proxy-vlm``, rebuilt from ``scripts/assets/proxy_vlm`` if
 missing, as the demo does; 84x84 images -> 9 image tokens + 2 markers each, ~20 tokens per
-image with its filler sentence). ``--model`` takes any local Qwen2-VL-style chat model instead.
+image with its filler sentence; 4 layers of hidden 256, so its prefill is cheap). ``--model``
+takes any local Qwen2-VL-style chat model instead, or ``qwen2vl-2b-l<N>``: the random-weight model
+of scripts/bench_serve.py (N layers of Qwen2-VL-2B's geometry, built into models/ if missing;
+images resized to 64 tokens each, so use fewer ``--images``), where prefill dominates TTFT.
 Prompts are proxy text-needle prompts (``madakv_eval.proxy_tasks.make_sample``): ``--images``
 images interleaved with filler text, ending with a question; every turn continues the assistant
 message from ``Answer`` (``continue_final_message``), the format the proxy answers in.
@@ -423,8 +426,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--policy", default="madakv")
     ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--conversations", type=int, default=5)
-    ap.add_argument("--questions", type=int, default=8, help="workload B: questions over one image set")
+    ap.add_argument("--conversations", type=int, default=10)
+    ap.add_argument("--questions", type=int, default=16, help="workload B: questions over one image set")
     ap.add_argument("--images", type=int, default=96, help="images per prompt (~20 tokens each with filler)")
     ap.add_argument("--max-tokens", type=int, default=8, help="answer tokens per turn at most")
     ap.add_argument("--max-model-len", type=int, default=8192)
@@ -440,7 +443,14 @@ def main(argv=None) -> int:
             ap.error(f"unknown setup {s!r}; expected some of {', '.join(SETUPS)}")
     if args.turns < 1 or args.conversations < 1 or args.questions < 1:
         ap.error("--turns, --conversations and --questions must be >= 1")
-    if args.model:
+    if args.model and args.model.startswith("qwen2vl-2b-l"):  # scripts/bench_serve.py's model
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "scripts" / "bench_serve.py")
+        bench_serve = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_serve)
+        model = bench_serve.build(int(args.model.removeprefix("qwen2vl-2b-l")))
+    elif args.model:
         model = Path(args.model).resolve()
     else:
         from madakv_eval.demo import ensure_proxy_model
