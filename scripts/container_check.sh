@@ -188,22 +188,11 @@ else
 fi
 chmod -R a+rX "$MODEL"  # the image serves as an unprivileged user
 ( cd "$REPO" && "$HOST_PY" - "$CACHE" <<'EOF' ) || die "building the request failed"
-import base64, io, json, sys
+import json, sys
 from pathlib import Path
 from madakv_eval import proxy_tasks as pt
+from madakv_eval.demo import proxy_messages  # text and images interleaved, answer continued
 cache = Path(sys.argv[1])
-def png_data_url(image):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-def proxy_messages(sample):  # as madakv_eval/demo.py: text and images interleaved, answer continued
-    content = []
-    for part in sample.parts:
-        if isinstance(part, pt.ImageSpec):
-            content.append({"type": "image_url", "image_url": {"url": png_data_url(pt.render_image(part))}})
-        elif part:
-            content.append({"type": "text", "text": part})
-    return [{"role": "user", "content": content}, {"role": "assistant", "content": pt.ANSWER_CUE}]
 sample = pt.make_sample("text_needle", 7, 8)
 k = pt.CODE_LEN["text_needle"]
 def body(**extra):

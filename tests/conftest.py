@@ -16,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 _ENGINES: dict = {}
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     from madakv_eval.tiny_models import build_model

@@ -1,20 +1,16 @@
 """scripts/bench_multiturn.py: the conversation builder and the /metrics delta parsing (no
 server), and one end-to-end run on a tiny model (slow)."""
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_multiturn", ROOT / "scripts" / "bench_multiturn.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_multiturn")
 
 
 def test_each_turn_repeats_the_previous_prompt(bench):

@@ -252,15 +252,12 @@ def test_gpu_kernel_check_harness_runs_on_cpu_with_the_reference(monkeypatch):
     """scripts/gpu_kernel_check.py's cases (tables, lengths, mixed batches) on the CPU with the
     reference kernel in place of FlashAttention: its dense reference agrees, and a wrong kernel
     (keys of the wrong sub-block) is caught."""
-    import importlib.util
     import sys
     import types
 
-    from conftest import ROOT
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("gpu_kernel_check", ROOT / "scripts" / "gpu_kernel_check.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = load_script("gpu_kernel_check")
     fake = types.ModuleType("vllm.vllm_flash_attn")
     fake.flash_attn_varlen_func = reference_flash_attn_varlen_func
     monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", fake)

@@ -4,20 +4,16 @@ same prompts made from different checkouts. Pure Python over synthetic reports; 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def ev():
-    spec = importlib.util.spec_from_file_location("eval_proxy", ROOT / "scripts" / "eval_proxy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("eval_proxy")
 
 
 def _run(rows: dict[str, dict[float, list[float]]], tasks: list[str], budgets=(0.5, 0.2)) -> dict:

@@ -2,7 +2,6 @@
 fake dataset in MileBench's layout, the OpenAI-API runner and CLI against a stub server, and one
 end-to-end run through the offline LLM path with per-request MadaKV args."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,16 +14,15 @@ import pytest
 
 from madakv_eval import milebench as mb
 
+from conftest import load_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("ObjectShuffle", "IEdit", "TextNeedleInAHaystack")
 EPS = 1e-8  # the `rouge` package's F denominator term
 
 
 def _fake_module():
-    spec = importlib.util.spec_from_file_location("make_fake_milebench", ROOT / "scripts" / "make_fake_milebench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_fake_milebench")
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,17 @@
 policies, budgets and streaming from 8 concurrent clients, 15% aborted mid-request, in a small
 KV pool. The 3,000-request run and its memory curve are in docs/results.md."""
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import load_script
 
 pytestmark = pytest.mark.slow
 
 
 def test_soak_of_1000_requests_has_no_error_returns_every_page_and_flat_memory(tmp_path):
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
+    soak = load_script("soak")
     out = tmp_path / "soak.json"
     # The servers' RSS still settles in the first ~1,000 requests (allocator and caches warming,
     # see docs/results.md): a looser bound than the long run's, still far below a per-request leak.
