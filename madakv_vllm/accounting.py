@@ -35,6 +35,21 @@ are the kept blocks, then the blocks from the previous tail page to the new one;
 first P of them are kept, so kept blocks need not be a prefix. A request then holds
 about its budget plus one chunk while it prefills (``peak_pages``), which is what
 admission reserves for it.
+
+Fresh pages (vLLM's prefix caching on, ``RequestPlan.prefix_caching``): vLLM hashes a full
+page when its chunk is scheduled, before the model writes it, and a freed hashed page stays
+findable by later requests, so a page that holds prompt KV must never be rewritten. A request
+compressed at the prompt's end at length C then packs into P fresh pages that the scheduler
+appends to its block list in the step that reaches C, right after the prompt's own cdiv(C, bs)
+pages (``CompressionPlan.fresh_at``); the prompt's full pages [0, C // bs) are all freed,
+still hashed, and the request's later pages (its decode tail) are never hashed. The block list
+is then P pages longer than vLLM's logical blocks: logical block j >= fresh_at sits at list
+index j + P (``CompressionPlan.block_index``), and the manager asks vLLM for those P pages on
+top of every later allocation (``RequestPlan.extra_pages``). A request that hits the prefix
+cache recomputes at least its last ``window`` prompt tokens (``RequestPlan.max_cache_hit``), so
+it observes with its own queries and keeps exactly what it would keep without the hit. Eviction
+during chunked prefill rewrites the pages it keeps in place, so those requests neither read nor
+add to the prefix cache.
 """
 
 from __future__ import annotations
@@ -69,9 +84,12 @@ class CompressionPlan:
     keep_pages: int  # P: pages that hold the packed entries (``kept_blocks``), besides the tail
     interval: int  # re-compress every `interval` generated tokens (0: never)
     granule: int = 1  # page-aligned: every (layer, head) count is offset + a multiple of this (bs)
-    # Logical blocks of the packed entries; None: the first P, [0, P). A request compressed after
+    # Block-list indices of the packed entries; None: the first P, [0, P). A request compressed after
     # earlier prefill chunks keeps the blocks it already kept plus the first new ones.
     kept: tuple[int, ...] | None = None
+    # Fresh pages: the P packed pages were appended at this block-list index (cdiv(C, bs)), and every
+    # later logical block sits P places further on (``block_index``). None: packed in place.
+    fresh_at: int | None = None
 
     def kept_blocks(self) -> tuple[int, ...]:
         return self.kept if self.kept is not None else tuple(range(self.keep_pages))
@@ -82,6 +100,12 @@ class CompressionPlan:
             return self.comp_len
         return self.comp_len + (length - self.comp_len) // self.interval * self.interval
 
+    def block_index(self, logical_block: int) -> int:
+        """Index into the request's block list of vLLM's logical block ``logical_block``."""
+        if self.fresh_at is None or logical_block < self.fresh_at:
+            return logical_block
+        return logical_block + self.keep_pages
+
     def offset(self, length: int) -> int:
         """Entries per (layer, head) that live in the tail page after an event at ``length``."""
         return length % self.granule
@@ -89,13 +113,13 @@ class CompressionPlan:
     def owned_blocks(self, event_len: int, num_blocks: int, block_size: int) -> list[int]:
         """Indices (into the request's block list) of the blocks the request still owns after an
         event at ``event_len``: the kept blocks, and every block from the tail page on."""
-        tail = event_len // block_size
+        tail = self.block_index(event_len // block_size)
         return [b for b in self.kept_blocks() if b < tail] + list(range(tail, num_blocks))
 
     def freed_runs(self, event_len: int, block_size: int) -> list[tuple[int, int]]:
-        """Logical block ranges [first, last) freed after an event at ``event_len``: every block
+        """Block-list ranges [first, last) freed after an event at ``event_len``: every block
         before the tail page that is not kept, as maximal runs."""
-        tail = event_len // block_size
+        tail = self.block_index(event_len // block_size)
         runs, start = [], 0
         for b in sorted(b for b in self.kept_blocks() if b < tail):
             if b > start:
@@ -115,6 +139,7 @@ class RequestPlan:
 
     cfg: MadaKVConfig
     num_prompt_tokens: int
+    prefix_caching: bool = False  # vLLM's prefix caching is on: compress into fresh pages
     decided: bool = False  # the prompt is fully computed (its plan is final)
     plan: CompressionPlan | None = None  # the latest compression's plan; None: nothing evicted yet
     event_len: int = 0  # logical length of the latest compression event
@@ -135,17 +160,61 @@ class RequestPlan:
         if not final and not self.cfg.chunked:
             return None
         self.decided = final
-        nxt = next_plan(self.cfg, length, block_size, self.plan, final)
+        nxt = next_plan(self.cfg, length, block_size, self.plan, final, fresh=self.fresh_pages)
         if nxt is None:
             return None
         self.plan, self.event_len = nxt, length
         return EventKind.PROMPT if final else EventKind.CHUNK
 
+    @property
+    def fresh_pages(self) -> bool:
+        """Compress into fresh pages: prefix caching is on (chunked-prefill eviction never reads or
+        adds to the prefix cache, and packs in place)."""
+        return self.prefix_caching and not self.cfg.chunked
+
+    def extra_pages(self, length: int, block_size: int) -> int:
+        """Pages the request holds beyond vLLM's cdiv(length, bs) once its computed length reaches
+        ``length``: the fresh pages, from the step that reaches the prompt's compression on.
+        Pure in ``length`` until the scheduler sees that step (``advance``)."""
+        if not self.fresh_pages:
+            return 0
+        if self.plan is not None:
+            return self.plan.keep_pages if self.plan.fresh_at is not None else 0
+        if self.decided or length < self.num_prompt_tokens:
+            return 0
+        plan = plan_compression(self.cfg, length, block_size)
+        return 0 if plan is None else plan.keep_pages
+
+    def max_cache_hit(self, num_tokens: int, block_size: int) -> int | None:
+        """Most tokens of a ``num_tokens``-token request that may come from the prefix cache, or
+        None for stock's rule: a request compressed at its prompt's end recomputes its last
+        ``window`` tokens (their queries choose what it keeps); one evicting during chunked prefill
+        reads nothing from the cache."""
+        if not self.prefix_caching or self.cfg.policy == "full":
+            return None
+        if self.cfg.chunked:
+            return 0
+        if plan_compression(self.cfg, max(num_tokens, self.num_prompt_tokens), block_size) is None:
+            return None
+        return max(num_tokens - self.cfg.window, 0)
+
+    def max_cached_tokens(self, block_size: int) -> int | None:
+        """Most tokens whose pages vLLM may hash, or None for no limit (never compressed, like
+        stock): the prompt's full pages before its compression; none in chunked mode."""
+        if not self.prefix_caching or self.cfg.policy == "full":
+            return None
+        if self.cfg.chunked:
+            return 0
+        if self.plan is None:
+            return None
+        return self.plan.comp_len // block_size * block_size
+
 
 def next_plan(cfg: MadaKVConfig, length: int, block_size: int, prev: CompressionPlan | None,
-              final: bool) -> CompressionPlan | None:
+              final: bool, fresh: bool = False) -> CompressionPlan | None:
     """The plan of a compression at ``length`` after ``prev`` (None: not compressed yet), or None
     when there is none: nothing to evict, or (before the prompt's end) no page would be freed.
+    ``fresh``: a first compression packs into P fresh pages appended after the prompt's pages.
 
     A compressed request owns its kept blocks and every block from its tail page on; at the next
     event its candidates are those kept blocks then the blocks up to the new tail page, and it keeps
@@ -153,7 +222,14 @@ def next_plan(cfg: MadaKVConfig, length: int, block_size: int, prev: Compression
     target = plan_compression(cfg, length, block_size)
     interval = cfg.recompress_interval if final else 0
     if prev is None:
-        return None if target is None else dataclasses.replace(target, interval=interval)
+        if target is None:
+            return None
+        if fresh:
+            at = cdiv(length, block_size)
+            return dataclasses.replace(target, interval=interval, fresh_at=at,
+                                       kept=tuple(range(at, at + target.keep_pages)))
+        return dataclasses.replace(target, interval=interval)
+    assert not fresh, "fresh pages: one compression at the prompt's end, then re-compressions"
     tail_prev, tail = prev.comp_len // block_size, length // block_size
     candidates = prev.kept_blocks() + tuple(range(tail_prev, tail))
     pages = len(candidates) if target is None else min(target.keep_pages, len(candidates))

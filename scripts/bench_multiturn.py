@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Multi-turn chat and shared images through ``vllm serve``: what vLLM's prefix caching is worth,
-and what ``--attention-backend madakv`` (which today runs with prefix caching off) pays for it.
+with stock attention and with ``--attention-backend madakv`` (which keeps prefix caching on and
+compresses every request for its own question).
 
     python scripts/bench_multiturn.py [--setups stock-pc,madakv-nopc,madakv-pc] [--budget 0.2]
                                       [--policy madakv] [--turns 4] [--conversations 10]
@@ -42,9 +43,11 @@ and /metrics deltas around it (after each request the script waits until
 ``vllm:prompt_tokens_cached_total`` (served from the prefix cache; computed = prompt - cached),
 ``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total`` (hit rate = hits /
 queries, in tokens), ``madakv:kv_pages_freed_total``. KV pages held: the pages of the request's
-prompt and answer, ceil((prompt + completion tokens) / block size), minus the pages madakv's
-eviction returned to the pool for it (``madakv:kv_pages_freed_total`` delta): what the request
-holds when it finishes, shared prefix pages included. Workload A is reported per turn as medians
+prompt and answer, ceil((prompt + completion tokens) / block size), plus, with prefix caching,
+the fresh pages madakv's compression packs into (the scheduler's own pure rule,
+``madakv_vllm.accounting.RequestPlan.extra_pages``), minus the pages madakv's eviction returned
+to the pool for it (``madakv:kv_pages_freed_total`` delta): what the request holds when it
+finishes, shared prefix pages included. Workload A is reported per turn as medians
 over conversations, with the ratio of each setup's median TTFT to stock-pc's for the same turn,
 and for turns 2+ pooled. A warm-up request on other images runs first on every server.
 """
@@ -229,17 +232,31 @@ def stream_chat(client, model: str, messages: list[dict], max_tokens: int) -> di
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
 
 
-def pages_held(prompt_tokens: int, completion_tokens: int, freed: float | None, block_size: int = BLOCK_SIZE) -> int:
-    return math.ceil((prompt_tokens + completion_tokens) / block_size) - int(freed or 0)
+def pages_held(prompt_tokens: int, completion_tokens: int, freed: float | None, block_size: int = BLOCK_SIZE,
+               fresh: int = 0) -> int:
+    return math.ceil((prompt_tokens + completion_tokens) / block_size) + fresh - int(freed or 0)
 
 
-def request_row(r: dict, d: dict, block_size: int = BLOCK_SIZE) -> dict:
+def fresh_pages(madakv: dict | None, prompt_tokens: int, block_size: int) -> int:
+    """The fresh pages a madakv request's compression takes with prefix caching on: the same pure
+    rule the server's scheduler applies (madakv_vllm.accounting). ``madakv``: the server's madakv
+    config, or None (stock, or prefix caching off)."""
+    if madakv is None:
+        return 0
+    from madakv_vllm.accounting import RequestPlan
+    from madakv_vllm.config import MadaKVConfig
+
+    plan = RequestPlan(cfg=MadaKVConfig(**madakv), num_prompt_tokens=prompt_tokens, prefix_caching=True)
+    return plan.extra_pages(prompt_tokens, block_size)
+
+
+def request_row(r: dict, d: dict, block_size: int = BLOCK_SIZE, fresh: int = 0) -> dict:
     """A request's result with its /metrics deltas (see the module docstring)."""
     cached = d["cached"] or 0.0
     return {**r, "metric_prompt_tokens": d["prompt"], "cached_tokens": cached,
             "computed_tokens": (d["prompt"] or 0.0) - cached, "prefix_queries": d["queries"],
-            "prefix_hits": d["hits"], "pages_freed": d["freed"],
-            "pages_held": pages_held(r["prompt_tokens"], r["completion_tokens"], d["freed"], block_size)}
+            "prefix_hits": d["hits"], "pages_freed": d["freed"], "fresh_pages": fresh,
+            "pages_held": pages_held(r["prompt_tokens"], r["completion_tokens"], d["freed"], block_size, fresh)}
 
 
 def hit_rate(rows) -> float | None:
@@ -253,13 +270,17 @@ def med(xs):
 
 
 # --------------------------------------------------------------------------- one setup
+def madakv_config(setup: str, args) -> dict | None:
+    """The madakv server config of a setup (None: stock)."""
+    return None if setup == "stock-pc" else {"policy": args.policy, "budget": args.budget}
+
+
 def server_args(setup: str, args, max_len: int) -> list[str]:
     out = ["--max-model-len", str(max_len), "--block-size", str(BLOCK_SIZE), "--enforce-eager", "--seed", "0",
            "--limit-mm-per-prompt", json.dumps({"image": args.images})]
     if setup == "stock-pc":
         return out + ["--enable-prefix-caching"]
-    madakv = ["--attention-backend", "madakv",
-              "--additional-config", json.dumps({"madakv": {"policy": args.policy, "budget": args.budget}})]
+    madakv = ["--attention-backend", "madakv", "--additional-config", json.dumps({"madakv": madakv_config(setup, args)})]
     if setup == "madakv-nopc":
         return out + madakv + ["--no-enable-prefix-caching"]
     if setup == "madakv-pc":
@@ -282,11 +303,13 @@ def run_setup(setup: str, model: Path, args, contents: dict) -> dict:
         name = str(model)
         cfg = cache_config(read_metrics(port))
         block_size = int(cfg.get("block_size") or BLOCK_SIZE)
+        fresh_rule = madakv_config(setup, args) if cfg.get("enable_prefix_caching") == "True" else None
 
         def one(messages):
             before = read_metrics(port)
             r = stream_chat(client, name, messages, args.max_tokens)
-            return request_row(r, counter_deltas(before, wait_finished(port, before, 1)), block_size)
+            return request_row(r, counter_deltas(before, wait_finished(port, before, 1)), block_size,
+                               fresh_pages(fresh_rule, r["prompt_tokens"], block_size))
 
         warm = Conversation(contents["warmup"], FOLLOW_UPS)  # first-request costs, on other images
         for _ in range(2):
@@ -342,7 +365,8 @@ def run_setup(setup: str, model: Path, args, contents: dict) -> dict:
         "ttft_ms_median": med(r["ttft_s"] * 1e3 for r in b_results),
         "prompt_tokens": d["prompt"], "cached_tokens": d["cached"], "computed_tokens": (d["prompt"] or 0) - (d["cached"] or 0),
         "hit_rate": (d["hits"] / d["queries"]) if d["queries"] else None, "pages_freed": d["freed"],
-        "pages_held_median": med(pages_held(r["prompt_tokens"], r["completion_tokens"], None, block_size)
+        "pages_held_median": med(pages_held(r["prompt_tokens"], r["completion_tokens"], None, block_size,
+                                            fresh_pages(fresh_rule, r["prompt_tokens"], block_size))
                                  for r in b_results) - (d["freed"] or 0) / len(b_results),
         "requests": b_results}
     return {"setup": setup, "server_args": srv_args, "startup_s": startup_s, "block_size": block_size,

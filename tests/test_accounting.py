@@ -192,3 +192,100 @@ def test_chunked_eviction_page_contract(n, budget, bs, L, H, window, sinks, chun
         prev = T
     if plan is not None and base is not None:
         assert rp.decided and plan.comp_len == n and plan.budget <= 1.15 * cfg.budget_tokens(n) + bs
+
+
+def test_fresh_pages_follow_the_prompt_and_shift_later_blocks():
+    cfg = MadaKVConfig(budget=0.2, recompress_interval=16)
+    rp = RequestPlan(cfg=cfg, num_prompt_tokens=700, prefix_caching=True)
+    assert rp.extra_pages(699, 32) == 0  # a prefill chunk before the prompt's end: stock's pages
+    assert rp.extra_pages(700, 32) == 4  # the step that completes the prompt takes P = 4 fresh pages
+    assert rp.max_cache_hit(700, 32) == 700 - cfg.window and rp.max_cached_tokens(32) is None
+    assert rp.advance(700, 32) is EventKind.PROMPT
+    p = rp.plan  # 700 = 21 full pages + 28 tokens: list [0..20 prompt, 21 tail, 22..25 fresh, decode...]
+    assert p.fresh_at == 22 and p.kept_blocks() == (22, 23, 24, 25)
+    assert p.freed_runs(700, 32) == [(0, 21)]  # every full prompt page (hashed), back to front by vLLM
+    assert p.owned_blocks(700, 26, 32) == [21, 22, 23, 24, 25]  # the tail page and the fresh ones
+    assert rp.max_cached_tokens(32) == 672  # never hashes past the prompt's full pages
+    assert rp.extra_pages(701, 32) == 4 and p.block_index(21) == 21 and p.block_index(22) == 26
+    # re-compression at 716: logical tail 22 is list index 26, after the fresh pages; the old tail goes
+    assert rp.advance(716, 32) is EventKind.RECOMPRESS
+    assert p.freed_runs(716, 32) == [(0, 22)] and p.owned_blocks(716, 27, 32) == [22, 23, 24, 25, 26]
+    # chunked-prefill eviction packs in place: no fresh pages, no hits, nothing hashed
+    chunked = RequestPlan(cfg=cfg.model_copy(update={"prefill_eviction": "chunked"}), num_prompt_tokens=700,
+                          prefix_caching=True)
+    assert chunked.extra_pages(700, 32) == 0 and chunked.max_cache_hit(700, 32) == 0
+    assert chunked.max_cached_tokens(32) == 0
+    # policy full and short prompts: stock's rules
+    for c in (MadaKVConfig(policy="full"), MadaKVConfig(budget=0.2, min_prompt_len=1000)):
+        rp = RequestPlan(cfg=c, num_prompt_tokens=700, prefix_caching=True)
+        assert rp.extra_pages(700, 32) == 0 and rp.max_cache_hit(700, 32) is None
+        rp.advance(700, 32)
+        assert rp.max_cached_tokens(32) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(40, 5000),
+    budget=st.one_of(st.floats(0.02, 0.9), st.integers(8, 400)),
+    bs=st.sampled_from([16, 32, 64]),
+    L=st.integers(1, 4),
+    H=st.integers(1, 3),
+    window=st.integers(1, 48),
+    chunk=st.integers(1, 700),
+    hit_frac=st.floats(0, 1),
+    gen=st.integers(0, 150),
+    interval=st.sampled_from([0, 16, 50]),
+    rnd=st.randoms(use_true_random=False),
+)
+def test_fresh_page_contract_with_prefix_caching(n, budget, bs, L, H, window, chunk, hit_frac, gen, interval, rnd):
+    """With prefix caching, through what both sides call: a request that hits the cache (capped by
+    max_cache_hit), prefills the rest in chunks and decodes. vLLM allocates cdiv(T, bs) +
+    extra_pages(T) list entries and hashes full pages up to max_cached_tokens. Then: the pages the
+    workers pack into are never hashed and never hit pages (shared with other requests); the hit
+    leaves at least the window to recompute; the scheduler's leftover pages are exactly the ones
+    the workers pack into, and they hold every entry."""
+    cfg = MadaKVConfig(budget=budget, window=window, recompress_interval=interval)
+    rp = RequestPlan(cfg=cfg, num_prompt_tokens=n, prefix_caching=True)
+    most = rp.max_cache_hit(n, bs)
+    hit = int(hit_frac * (n - 1)) // bs * bs  # what vLLM's lookup found (whole pages, at most n - 1)
+    if most is not None:
+        hit = min(hit, most // bs * bs)
+        assert n - hit >= window
+    shared = set(range(hit // bs))  # hit pages: other requests may hold them
+    hashed, freed, lengths, t = set(shared), set(), [], hit
+    while t < n:
+        t = min(n, t + rnd.randint(max(1, chunk // 2), chunk))
+        lengths.append(t)
+    lengths += list(range(n + 1, n + gen + 1))
+    lens = base = None
+    prev = hit
+    for T in lengths:
+        # allocate_slots: the block list only grows (freed entries stay null)...
+        live = set(range(cdiv(T, bs) + rp.extra_pages(T, bs))) - freed
+        cap = rp.max_cached_tokens(bs)
+        hashed |= set(range(min(T, cap if cap is not None else T) // bs))  # ...hashed when scheduled
+        if lens is not None:
+            lens = lens + (T - prev)
+        kind = rp.advance(T, bs)  # the step runs; the scheduler sees it at the next one
+        plan = rp.plan
+        if kind is not None:
+            r, g = plan.offset(T), plan.granule
+            if kind is EventKind.PROMPT:
+                counts = [r] * (L * H)
+                for _ in range(L * H * plan.keep_pages):
+                    counts[rnd.randrange(L * H)] += g
+                lens = base = torch.tensor(counts).view(L, H)
+            else:
+                drop = (base % g - r) % g
+                lens = torch.where(base - drop >= 0, base - drop, base - drop + g)
+            owned = set(plan.owned_blocks(rp.event_len, cdiv(T, bs) + rp.extra_pages(T, bs), bs))
+            assert not owned & hashed and not owned & shared  # packed pages: private and never hashed
+            for first, last in plan.freed_runs(rp.event_len, bs):
+                freed |= set(range(first, last))
+            live -= freed
+            assert live == owned
+        if lens is not None:
+            assert int(((lens + bs - 1) // bs).sum()) <= len(live) * L * H
+        prev = T
+    if rp.plan is None:  # never compressed: cached as stock caches it
+        assert rp.max_cached_tokens(bs) is None

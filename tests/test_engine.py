@@ -74,7 +74,7 @@ def test_backend_selected_by_name_and_inert_without_flag(engine):
     assert runner(ours).attn_groups[0][0].backend.get_name() == "MADAKV"
     assert isinstance(manager(ours), MadaKVManager)
     assert isinstance(manager(ours).kv_cache_spec, MadaKVAttentionSpec)
-    assert not core(ours).scheduler.kv_cache_manager.enable_caching  # prefix caching off for our group
+    assert core(ours).scheduler.kv_cache_manager.enable_caching  # prefix caching stays on (vLLM's default)
 
 
 @pytest.mark.parametrize("kind", ["qwen2vl", "llava", "llama"])
@@ -377,7 +377,7 @@ def test_window_queries_are_the_last_prompt_queries(engine, monkeypatch):
     from madakv_vllm.integration import per_head
     from madakv_vllm.integration.eviction import WorkerKV
 
-    llm = engine("qwen2vl", FULL)
+    llm = engine("qwen2vl", FULL, enable_prefix_caching=False)  # a hit would leave only the window to compute
     seen = {}
     orig_after, orig_select = per_head.after_attention, WorkerKV.select_layer
 

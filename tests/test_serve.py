@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import openai
@@ -60,7 +61,7 @@ def test_metrics_count_what_the_page_contract_says(server):
     """madakv:* on vLLM's /metrics (counted in the engine core and the worker) after requests with
     known policies and budgets: pages freed, entries kept and evicted, requests per policy and
     compression events equal what accounting.py says those requests do."""
-    from madakv_vllm.accounting import plan_compression
+    from madakv_vllm.accounting import RequestPlan, plan_compression
     from madakv_vllm.config import config_from_vllm, resolve
 
     port, model, _ = server
@@ -80,14 +81,16 @@ def test_metrics_count_what_the_page_contract_says(server):
         if plan is None:
             continue
         policies[cfg.policy] += 1
-        pages += r.usage.prompt_tokens // 32 - plan.keep_pages
+        # every page before the tail goes back but the P it packs into; with prefix caching (on, as
+        # vLLM's default) those P are fresh pages taken at compression, so every full prompt page goes
+        fresh = RequestPlan(cfg=cfg, num_prompt_tokens=r.usage.prompt_tokens, prefix_caching=True)
+        pages += r.usage.prompt_tokens // 32 - plan.keep_pages + fresh.extra_pages(r.usage.prompt_tokens, 32)
         kept += heads * plan.budget
         entries += heads * r.usage.prompt_tokens
     after = labelled_metrics(port)
 
     def delta(name, **labels):
-        return sum(v - before.get(k, 0.0) for k, v in after.items()
-                   if k[0] == name and set(labels.items()) <= set(k[1]))
+        return metric_delta(before, after, name, **labels)
 
     assert policies == {"madakv": 1, "snapkv": 1, "streamingllm": 1}
     assert delta("madakv:kv_pages_freed_total") == pages > 0
@@ -102,6 +105,32 @@ def test_metrics_count_what_the_page_contract_says(server):
     assert delta("madakv:compression_seconds_count", event="prompt") == 3
     assert delta("madakv:compression_seconds_sum", event="prompt") > 0
     assert "vllm:kv_cache_usage_perc" in metrics(port)  # vLLM's own metrics are still there
+
+
+def metric_delta(before: dict, after: dict, name: str, **labels) -> float:
+    return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name and set(labels.items()) <= set(k[1]))
+
+
+def test_prefix_cache_serves_a_second_question_over_the_same_images(server):
+    """Prefix caching stays on: a second question over the same images and text is served from the
+    first one's prompt pages, up to the observation window it recomputes, and is compressed for
+    its own question; vLLM's counters show the hit."""
+    port, model, _ = server
+    context = "look closely at every picture and remember what you see " * 40
+    chat_with_image(port, model, n_images=3, first_image=20, text=context + "What is in the first?", max_tokens=4)
+    time.sleep(1)  # the engine publishes its counters after the response
+    before = labelled_metrics(port, prefix="")
+    r = chat_with_image(port, model, n_images=3, first_image=20, text=context + "And in the last one?", max_tokens=4)
+    deadline = time.time() + 10
+    while (metric_delta(before, after := labelled_metrics(port, prefix=""), "vllm:request_success_total") < 1
+           and time.time() < deadline):
+        time.sleep(0.2)
+    cached = metric_delta(before, after, "vllm:prompt_tokens_cached_total")
+    n = r.usage.prompt_tokens
+    assert metric_delta(before, after, "vllm:prefix_cache_hits_total") == cached
+    assert n - 32 - 64 <= cached <= n - 32 and cached % 32 == 0, (cached, n)  # all but the window and question
+    assert metric_delta(before, after, "madakv:requests_compressed_total", policy="madakv") == 1
+    assert metric_delta(before, after, "madakv:tokens_kept_total", event="prompt") > 0
 
 
 def _families(port) -> dict:

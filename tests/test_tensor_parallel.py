@@ -63,7 +63,7 @@ def _run(model, tp: int, log, policies=None, extra=(), env=None):
         deadline = time.time() + 10
         while metrics(port)["vllm:kv_cache_usage_perc"] != 0 and time.time() < deadline:
             time.sleep(0.5)
-        return tokens, metrics(port)["vllm:kv_cache_usage_perc"], labelled_metrics(port)
+        return tokens, metrics(port)["vllm:kv_cache_usage_perc"], labelled_metrics(port, prefix="")
 
 
 def _total(samples, name, **labels):
@@ -89,6 +89,9 @@ def test_tp2_matches_tp1_where_heads_are_independent_and_keeps_exact_totals(mode
         # one observation per rank and event
         assert _total(m2, "madakv:compression_seconds_count", event=event) == 2 * _total(
             m1, "madakv:compression_seconds_count", event=event)
+    # one prompt under every policy: from the second request on, each reuses the prompt pages of
+    # the first from vLLM's prefix cache, on both ranks, and still compresses for itself
+    assert _total(m2, "vllm:prefix_cache_hits_total") == _total(m1, "vllm:prefix_cache_hits_total") > 0
     assert "madakv" in (tmp_path / "tp2.log").read_text()
 
 

@@ -140,7 +140,8 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self._set_isa_to_layers(layer_names)  # the layers' writer and kernel use it too
         self._layers = sorted(layer_names, key=extract_layer_index)
         self.state = WorkerKV(
-            server_config(vllm_config), self._layers, self.num_kv_heads, self.num_heads, self.head_dim, self.block_size
+            server_config(vllm_config), self._layers, self.num_kv_heads, self.num_heads, self.head_dim, self.block_size,
+            prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
         )
         per_head.STATES.add(self.state)
 

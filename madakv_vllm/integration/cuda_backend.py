@@ -122,6 +122,7 @@ class MadaKVCUDAMetadataBuilder(AttentionMetadataBuilder[MadaKVCUDAMetadata]):
         self.state = WorkerKV(
             server_config(vllm_config), self._layers, kv_cache_spec.num_kv_heads, num_heads,
             kv_cache_spec.head_size, self.block_size,
+            prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
         )
         per_head.STATES.add(self.state)
 

@@ -2,12 +2,15 @@
 
 Timeline of one request (see madakv_vllm/accounting.py for the page contract):
 1. Prefill chunks run in the stock layout (head h of page p is sub-block p*H+h);
-   the last ``window`` queries of every layer are kept.
+   the last ``window`` queries of every layer are kept. A prefix-cache hit
+   supplies the first pages (shared with other requests, never written here).
 2. In the step whose chunk completes the prompt (length C), every layer, right
    after its attention, asks the policy which tokens each KV head keeps. After
    the LAST layer, all layers' retained entries are gathered and re-written,
-   packed, into the sub-blocks of the pages the request keeps. The scheduler
-   frees the other pages when it next schedules, i.e. after this step.
+   packed, into the sub-blocks of the pages the request keeps: with prefix
+   caching, fresh pages the scheduler appended in this step (accounting.py),
+   else the first pages. The scheduler frees the other pages when it next
+   schedules, i.e. after this step.
    With ``prefill_eviction: chunked`` this first compression may come after an
    earlier chunk, to the budget of the tokens seen so far; later chunks are then
    appended to every (layer, head) sequence like decode tokens (the kernel's
@@ -109,8 +112,10 @@ class WorkerKV:
     RequestKV), the policy's selection after each layer, and the compactor that packs retained
     KV into the pages that stay."""
 
-    def __init__(self, server_config: MadaKVConfig, layer_names: list[str], num_kv_heads: int, num_heads: int, head_size: int, block_size: int):
+    def __init__(self, server_config: MadaKVConfig, layer_names: list[str], num_kv_heads: int, num_heads: int,
+                 head_size: int, block_size: int, prefix_caching: bool = False):
         self.server_config = server_config
+        self.prefix_caching = prefix_caching  # vLLM's prefix caching is on: compress into fresh pages
         self.layer_names = layer_names  # in model order
         self.layer_index = {n: i for i, n in enumerate(layer_names)}
         self.num_layers = len(layer_names)
@@ -130,7 +135,7 @@ class WorkerKV:
         if rs is None:
             cfg = request_config(self.server_config, req_id, req_state.sampling_params)
             rs = RequestKV(req_id=req_id, cfg=cfg, num_prompt_tokens=req_state.num_prompt_tokens,
-                           mm_features=list(req_state.mm_features or []))
+                           prefix_caching=self.prefix_caching, mm_features=list(req_state.mm_features or []))
             rs.queries = [None] * self.num_layers
             self.requests[req_id] = rs
         return rs
@@ -305,7 +310,7 @@ class WorkerKV:
         kept = entries_by_modality(entry_modality, counts)
         metrics.compression(ev.kind.value, kept, before, ev.seconds + time.perf_counter() - t0)
         if ev.kind is EventKind.PROMPT and logger.isEnabledFor(logging.DEBUG):
-            log_compression(rs, rs.modality(ev.length), kept, L * H, len(ev.block_ids), len(pages))
+            log_compression(rs, rs.modality(ev.length), kept, L * H, cdiv(ev.length, bs), len(pages))
 
     # --- reading entries -----------------------------------------------------------
 

@@ -3,6 +3,12 @@
 The manager never hears from the workers: which pages a request keeps is a pure
 function of its compression length, effective config and the block size
 (madakv_vllm.accounting), computed identically on both sides.
+
+With vLLM's prefix caching on, a request compressed at its prompt's end packs into fresh pages
+the manager allocates in the step that completes the prompt; its prompt pages go back to the
+pool still hashed (reusable by a later request with the same prefix), and nothing it writes
+after that is ever hashed (``cache_blocks``). A prefix-cache hit is capped so that the request
+recomputes its observation window (``max_cache_hit``, applied by patches.py).
 """
 
 from __future__ import annotations
@@ -28,20 +34,27 @@ class MadaKVAttentionSpec(FullAttentionSpec):
     madakv_config: str = "{}"
     max_chunk_tokens: int = 0  # the scheduler's token budget per step: the longest prefill chunk
 
-    @property
-    def prefix_cacheable(self) -> bool:
-        return False  # a compacted page no longer holds the tokens its hash names
-
     def max_memory_usage_bytes(self, vllm_config) -> int:
         """What vLLM's startup check reserves for one request of max_model_len: with eviction during
         chunked prefill, its peak (budget + one chunk, accounting.peak_pages), so max_model_len
-        may exceed the pool; otherwise stock's whole sequence."""
+        may exceed the pool; with prefix caching, stock's whole sequence plus the fresh pages its
+        compression takes; otherwise stock's whole sequence."""
         cfg = MadaKVConfig.model_validate_json(self.madakv_config)
         stock = super().max_memory_usage_bytes(vllm_config)
-        if not cfg.chunked or vllm_config.parallel_config.decode_context_parallel_size > 1:
+        if vllm_config.parallel_config.decode_context_parallel_size > 1:
             return stock
-        pages = peak_pages(cfg, vllm_config.model_config.max_model_len, 0, self.block_size, self.max_chunk_tokens)
-        return min(stock, pages * self.page_size_bytes)
+        max_len = vllm_config.model_config.max_model_len
+        if cfg.chunked:
+            return min(stock, peak_pages(cfg, max_len, 0, self.block_size, self.max_chunk_tokens) * self.page_size_bytes)
+        plan = RequestPlan(cfg=cfg, num_prompt_tokens=max_len,
+                           prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching))
+        return stock + plan.extra_pages(max_len, self.block_size) * self.page_size_bytes
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        """The workers' block-table width: with prefix caching, a compressed request's block list
+        also holds its fresh pages, fewer than its prompt's (accounting.plan_compression)."""
+        stock = super().max_num_blocks_per_req(vllm_config, max_len)
+        return 2 * stock if vllm_config.cache_config.enable_prefix_caching else stock
 
     @classmethod
     def merge(cls, specs):
@@ -61,11 +74,26 @@ class MadaKVManager(FullAttentionManager):
         self.server_config = MadaKVConfig.model_validate_json(kv_cache_spec.madakv_config)
         self.requests: dict[str, RequestPlan] = {}
 
-    def note_request(self, request) -> None:
-        """Called before every allocate_slots (patches.py): learn the request's config once."""
-        if request.request_id not in self.requests:
+    def note_request(self, request) -> RequestPlan:
+        """Called before every prefix-cache lookup and allocate_slots (patches.py): learn the
+        request's config once."""
+        st = self.requests.get(request.request_id)
+        if st is None:
             cfg = request_config(self.server_config, request.request_id, request.sampling_params)
-            self.requests[request.request_id] = RequestPlan(cfg=cfg, num_prompt_tokens=request.num_prompt_tokens)
+            st = RequestPlan(cfg=cfg, num_prompt_tokens=request.num_prompt_tokens, prefix_caching=self.enable_caching)
+            self.requests[request.request_id] = st
+        return st
+
+    def max_cache_hit(self, request) -> int | None:
+        """Most tokens of ``request`` a prefix-cache hit may cover, in whole pages (None: stock's)."""
+        most = self.note_request(request).max_cache_hit(request.num_tokens, self.block_size)
+        return None if most is None else most // self.block_size * self.block_size
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        """Hash only pages that hold a prompt's stock KV: never a compressed request's own."""
+        st = self.requests.get(request.request_id)
+        most = None if st is None else st.max_cached_tokens(self.block_size)
+        super().cache_blocks(request, num_tokens if most is None else min(num_tokens, most), *args, **kwargs)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
         st = self.requests.get(request_id)
@@ -95,11 +123,25 @@ class MadaKVManager(FullAttentionManager):
         if freed:
             metrics.pages_freed(freed)
 
-    def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, apply_admission_cap: bool = False, **kwargs) -> int:
-        """With ``apply_admission_cap`` (vLLM's admission gate and its reservation for prefills in
-        flight) a request that evicts during chunked prefill needs its peak, not its whole sequence."""
-        need = super().get_num_blocks_to_allocate(request_id, num_tokens, *args,
-                                                  apply_admission_cap=apply_admission_cap, **kwargs)
+    def _slots_with_fresh_pages(self, request_id, num_tokens: int, num_tokens_main_model: int) -> int:
+        """vLLM's slot count plus the request's fresh pages (prefix caching: accounting.py)."""
+        st = self.requests.get(request_id)
+        return num_tokens + (0 if st is None else st.extra_pages(num_tokens_main_model, self.block_size) * self.block_size)
+
+    def allocate_new_blocks(self, request_id, num_tokens: int, num_tokens_main_model: int):
+        return super().allocate_new_blocks(
+            request_id, self._slots_with_fresh_pages(request_id, num_tokens, num_tokens_main_model), num_tokens_main_model)
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                                   num_local_computed_tokens, num_tokens_main_model, *args,
+                                   apply_admission_cap: bool = False, **kwargs) -> int:
+        """The fresh pages a compression takes count too (prefix caching). With
+        ``apply_admission_cap`` (vLLM's admission gate and its reservation for prefills in flight)
+        a request that evicts during chunked prefill needs its peak, not its whole sequence."""
+        need = super().get_num_blocks_to_allocate(
+            request_id, self._slots_with_fresh_pages(request_id, num_tokens, num_tokens_main_model),
+            new_computed_blocks, total_computed_tokens, num_local_computed_tokens, num_tokens_main_model, *args,
+            apply_admission_cap=apply_admission_cap, **kwargs)
         st = self.requests.get(request_id)
         if apply_admission_cap and st is not None and st.cfg.chunked:
             held = sum(b is not self._null_block for b in self.req_to_blocks.get(request_id, ()))

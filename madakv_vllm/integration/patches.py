@@ -10,7 +10,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | wrapped | why |
 |---|---|
 | ``CpuPlatform`` / ``CudaPlatformBase.get_attn_backend_cls`` | the platforms ignore a selected plugin backend: route MADAKV to ours, after vLLM's own ``validate_configuration`` |
-| ``CpuPlatform`` / ``CudaPlatformBase.check_and_update_config`` | validate our config at startup; page size, prefix caching, async scheduling, CUDA graphs |
+| ``CpuPlatform`` / ``CudaPlatformBase.check_and_update_config`` | validate our config at startup; page size, async scheduling, CUDA graphs (prefix caching stays as configured) |
 | ``VllmConfig._get_v2_model_runner_unsupported_features`` | madakv needs the V1 model runner: vLLM then chooses it |
 | ``InputProcessor._validate_params`` | HTTP 400 for a bad ``madakv_*`` request argument |
 | ``BaseRenderer._process_tokens`` / ``_process_tokens_async`` | note the multimodal sender-cache entries a rendered request added (``mm_cache.py``); roll back those of a render whose request was cancelled while it ran |
@@ -20,6 +20,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``MediaConnector._load_data_url`` | RFC 2397 data URLs without ``;base64`` are decoded (vLLM 0.32 answers them with HTTP 501) |
 | ``MediaConnector._load_file_url`` | a file URL the server may not or cannot read is a 400 (vLLM 0.32: 500 without ``--allowed-local-media-path``) |
 | ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
+| ``KVCacheManager.get_computed_blocks`` | a prefix-cache hit of a request that is compressed at its prompt's end leaves its observation window to recompute; chunked-prefill eviction reads no hit (``accounting.RequestPlan.max_cache_hit``) |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner.initialize_kv_cache`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start), which then bind their per-head views of the KV cache it allocated |
 
@@ -63,6 +64,7 @@ def install() -> None:
     _wrap("vllm.multimodal.media.connector", "MediaConnector._load_data_url", _load_data_url)
     _wrap("vllm.multimodal.media.connector", "MediaConnector._load_file_url", _load_file_url)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", _allocate_slots)
+    _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", _get_computed_blocks)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache", _initialize_kv_cache)
 
@@ -257,17 +259,38 @@ def _load_file_url(orig):
 # --- scheduler (engine core) -----------------------------------------------------------------
 
 
+def _madakv_managers(kv_cache_manager) -> list:
+    from madakv_vllm.integration.kv_manager import MadaKVManager
+
+    managers = kv_cache_manager.__dict__.get("_madakv_managers")
+    if managers is None:
+        managers = [m for m in kv_cache_manager.coordinator.single_type_managers if isinstance(m, MadaKVManager)]
+        kv_cache_manager._madakv_managers = managers
+    return managers
+
+
 def _allocate_slots(orig):
     def wrapper(self, request, *args, **kwargs):
-        from madakv_vllm.integration.kv_manager import MadaKVManager
-
-        managers = self.__dict__.get("_madakv_managers")
-        if managers is None:
-            managers = [m for m in self.coordinator.single_type_managers if isinstance(m, MadaKVManager)]
-            self._madakv_managers = managers
-        for m in managers:
+        for m in _madakv_managers(self):
             m.note_request(request)
         return orig(self, request, *args, **kwargs)
+
+    return wrapper
+
+
+def _get_computed_blocks(orig):
+    """vLLM caps a hit at N - 1 tokens; a request compressed at its prompt's end must recompute its
+    last ``window`` tokens, whose queries choose what it keeps, so the hit is trimmed to whole
+    pages below that (vLLM's own ``truncate_computed_blocks``). The scheduler records the trimmed
+    hit in vLLM's prefix-cache counters."""
+    def wrapper(self, request):
+        blocks, num_hit, *rest = orig(self, request)
+        if num_hit:
+            limits = [m.max_cache_hit(request) for m in _madakv_managers(self)]
+            most = min((x for x in limits if x is not None), default=None)
+            if most is not None and most < num_hit:
+                blocks, num_hit = self.truncate_computed_blocks(blocks, most), most
+        return (blocks, num_hit, *rest)
 
     return wrapper
 

@@ -103,6 +103,7 @@ class PerHeadBatch:
     num_tokens: int
     query_start_loc: torch.Tensor  # [R + 1] per request (cpu, int64)
     seq_lens: torch.Tensor  # [R] (cpu, int64)
+    block_table: torch.Tensor  # [R, max_blocks] vLLM's pages per request (cpu, int64)
     flat_slots: list  # per layer: [H*T] write slots, head-major (-1: skip)
     ps_query_start_loc: torch.Tensor  # [H*R + 1] int32, sequence (h, r) at h*R + r
     ps_seq_lens: list  # per layer: [H*R] int32
@@ -172,6 +173,7 @@ def build_batch(state: WorkerKV, cm, block_size: int, runner) -> PerHeadBatch:
         num_tokens=T,
         query_start_loc=qsl,
         seq_lens=seq_lens,
+        block_table=block_table,
         flat_slots=list(flat_slots.reshape(L, H * T)),
         ps_query_start_loc=torch.cat([qsl[:-1] + h * T for h in range(H)] + [torch.tensor([H * T])]).to(torch.int32),
         ps_seq_lens=list(lens.reshape(L, H * R).to(torch.int32)),

@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 
-from madakv_vllm.accounting import cdiv, peak_pages
+from madakv_vllm.accounting import RequestPlan, cdiv, peak_pages
 from madakv_vllm.config import MadaKVConfig, config_from_vllm, resolve
 
 logger = logging.getLogger("vllm.madakv")
@@ -109,10 +109,10 @@ def configure_engine(vllm_config) -> MadaKVConfig:
     cache = vllm_config.cache_config
     if cache.cache_dtype not in ("auto", None) and not str(cache.cache_dtype).startswith("auto"):
         raise ValueError(f"--attention-backend madakv needs an unquantized KV cache (got kv_cache_dtype={cache.cache_dtype})")
-    if cache.enable_prefix_caching:
-        # Compacted pages hold a different token set than their hash says.
-        logger.info("madakv: prefix caching turned off (compacted KV blocks cannot be shared)")
-        cache.enable_prefix_caching = False
+    if cache.enable_prefix_caching and cfg.chunked:
+        logger.warning("madakv: prefill_eviction 'chunked' compacts pages while the prompt is still being hashed: "
+                       "requests evicting during prefill neither read nor add to vLLM's prefix cache; requests "
+                       "with madakv_prefill_eviction 'end' and uncompressed requests use it")
     if not cache.user_specified_block_size and (cache.block_size or 0) > DEFAULT_BLOCK_SIZE:
         # Pages are the unit in which eviction returns memory, and a compressed request keeps up to
         # two partly used pages per layer (accounting.py): the CPU platform's default of 128 tokens
@@ -183,8 +183,10 @@ def check_fits_pool(vllm_config, request) -> None:
     out = request.sampling_params.max_tokens or 0
     if cfg.chunked:
         need = peak_pages(cfg, n, out, cache.block_size, vllm_config.scheduler_config.max_num_batched_tokens)
-    else:
-        need = cdiv(min(n + out, vllm_config.model_config.max_model_len), cache.block_size)
+    else:  # its whole sequence, plus the fresh pages its compression takes with prefix caching
+        plan = RequestPlan(cfg=cfg, num_prompt_tokens=n, prefix_caching=bool(cache.enable_prefix_caching))
+        need = (cdiv(min(n + out, vllm_config.model_config.max_model_len), cache.block_size)
+                + plan.extra_pages(n, cache.block_size))
     if need > usable:
         how = ("evicting during prefill it still needs" if cfg.chunked
                else f"with prefill_eviction '{cfg.prefill_eviction}' and policy '{cfg.policy}' it needs")

@@ -5,6 +5,7 @@ layer, independent of the paged cache. After each layer's kernel call it
 recomputes, in plain fp32 torch, attention of every query over exactly the
 tokens its (layer, KV head) retains (all tokens for uncompressed requests,
 ``entry_position`` for compressed ones) and records the largest difference.
+A request that starts with a prefix-cache hit takes its prefix from the shared pages.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Shadow:
                 nk, nv = torch.zeros(H, cap, D), torch.zeros(H, cap, D)
                 if k_sh is not None:
                     nk[:, : k_sh.shape[1]], nv[:, : v_sh.shape[1]] = k_sh, v_sh
+                elif first > 0:  # a prefix-cache hit: another request computed (and was checked on) these
+                    pk, pv = st.read_stock(layer, batch.block_table[i].tolist(), first)
+                    nk[:, :first], nv[:, :first] = pk.float(), pv.float()
                 k_sh, v_sh = nk, nv
             k_sh[:, first:length] = key[start:end].transpose(0, 1).float()
             v_sh[:, first:length] = value[start:end].transpose(0, 1).float()
