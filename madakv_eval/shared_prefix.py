@@ -25,13 +25,15 @@ Group kinds (:data:`GROUP_KINDS`):
 What the proxies answer (dev split, full cache, through vLLM; scripts/eval_prefix_reuse.py
 ``--configs full``): neither proxy reads the question of the three needle tasks -- each was
 trained on prompts with one needle, where the context alone tells the task. With a code sentence
-in the context both answer the code to every question: ``code+strip`` / ``code+pair`` text
-needle 1.00, image needle and comparison ~0 (v1 and v2). (An image strip plus a comparison pair
+in the context both answer the code to every question (dev, 20 groups per kind, exact match: v1
+text needle 1.00, image needle 0.10, comparison 0.10; v2 0.825, 0.00, 0.00;
+docs/data/prefix-reuse-dev-needles-v1.json, -v2.json). (An image strip plus a comparison pair
 in one context fails the same way: v1 answers the strip's colours to both questions.) The
 labelled-image task is the only one whose answer depends on text the request names (its
 instruction), so ``labels`` is the prompt set; but the v2 proxy was trained with the
 instruction FIRST (before the context), and with it after the shared context it answers only
-~35% of the questions exactly (58% of the answer tokens; 0.875 with the instruction first). An
+~35-40% of the questions exactly (dev 0.35, test 0.385; ~60% of the answer tokens; 0.875 with
+the instruction first), and eviction at 0.2 barely changes that (docs/data/prefix-reuse-*.json). An
 instruction inline after the context (``"inline"``) or 5 labelled images instead of 6 did not do
 better (30-50% on 20-40 dev prompts). A proxy trained with the instruction after the context
 would make these accuracies informative; the reuse-versus-fresh comparison (identical tokens,

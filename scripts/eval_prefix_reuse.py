@@ -177,6 +177,9 @@ def run_rounds(llm, groups, configs, reset_each_round: bool) -> dict:
                 toks[flat[k]] = list(o.outputs[0].token_ids)
                 cached[flat[k]] = int(o.num_cached_tokens or 0)
         after = hit_counters(llm)
+        if not reset_ok:
+            print(f"  WARNING {config_key(name, budget)}: llm.reset_prefix_cache() failed; earlier requests' "
+                  "prefixes may have been reused where none should be", flush=True)
         results[config_key(name, budget)] = {
             "tokens": toks, "cached": cached, "reset_ok": reset_ok,
             "counters": {k: after[k] - before[k] for k in after}, "seconds": round(time.time() - t0, 1),
