@@ -405,7 +405,7 @@ def fmt(x, spec=".0f", none="-"):
 
 def print_tables(results: list[dict], args) -> None:
     print(f"\nWorkload A: {args.conversations} conversations x {args.turns} turns, one request at a time; "
-          f"medians over conversations; pages = ceil(tokens/{BLOCK_SIZE}) - madakv pages freed")
+          f"medians over conversations; pages = ceil(tokens/{BLOCK_SIZE}) + madakv fresh pages - madakv pages freed")
     print("| setup | prefix caching | turn | prompt tok | computed | cached | hit rate | KV pages held | TTFT ms | vs stock-pc |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for res in results:

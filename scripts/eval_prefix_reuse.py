@@ -34,7 +34,7 @@ fraction of requests whose generated tokens are identical in both runs, and the 
 tokens actually obtained: per request (``RequestOutput.num_cached_tokens``) and from the engine's
 counters (``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``, ``llm.get_metrics()``). If
 the reuse run got no hits, the report says "NO PREFIX REUSE HAPPENED" and its equality proves
-nothing (today's plugin turns prefix caching off at startup under ``--attention-backend madakv``).
+nothing (e.g. a server started with prefix caching off).
 
 ``--naive`` (Hugging Face, same weights, as eval_proxy.py's ``retained_mass``): for each reusing
 request, which fraction of ITS needle tokens a policy keeps when it selects with its own

@@ -221,3 +221,22 @@ def test_aborts_preemption_n_and_duplicates_with_shared_pages_return_every_page(
     assert preempted, "the test should exercise preemption"
     assert block_pool(llm).get_num_free_blocks() == free0
     assert manager(llm).requests == {}
+
+
+def test_chunked_prefill_eviction_neither_reads_nor_adds_to_the_cache(engine):
+    """Requests that evict during chunked prefill rewrite pages in place: none of their pages is ever
+    hashed and they get no hit, while an end-mode request on the same server reuses the prefix."""
+    llm = engine("qwen2vl", MADAKV)
+    chunked = greedy(8, madakv_prefill_eviction="chunked")
+    hashed = []
+
+    def note(llm):
+        for rid in list(manager(llm).req_to_blocks):
+            if rid.startswith("chunked-"):
+                hashed.extend(b.block_id for b in manager(llm).req_to_blocks[rid] if b.block_hash is not None)
+
+    outs = run(llm, {"chunked-q7": (question(7), chunked)}, note)
+    outs |= run(llm, {"chunked-q8": (question(8), chunked)}, note)
+    assert outs["chunked-q7"].num_cached_tokens == outs["chunked-q8"].num_cached_tokens == 0 and not hashed
+    run(llm, {"end-q9": (question(9), greedy(8))})
+    assert run(llm, {"end-q10": (question(10), greedy(8))})["end-q10"].num_cached_tokens > 0
