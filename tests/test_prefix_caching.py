@@ -15,6 +15,7 @@ import torch
 from conftest import mm_prompt, words
 
 MADAKV = {"policy": "madakv", "budget": 0.2}
+SMALL = {"num_gpu_blocks_override": 1024}  # 32K tokens: these engines' KV buffers stay small
 PREFIX = [words(300, 11), 0, words(380, 12), 1, 2, words(250, 13)]  # ~1,000 tokens with 3 images
 
 
@@ -96,7 +97,7 @@ def kept_entries(llm, name: str, params) -> tuple[dict, list[int], int]:
 
 
 def test_prefix_caching_stays_on(engine):
-    llm = engine("qwen2vl", MADAKV)
+    llm = engine("qwen2vl", MADAKV, **SMALL)
     assert core(llm).scheduler.kv_cache_manager.enable_caching
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
 
@@ -116,17 +117,18 @@ def test_full_policy_with_prefix_caching_is_stock(engine):
             assert lx.keys() == ly.keys() and all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
 
 
-@pytest.mark.parametrize("policy", ["madakv", "snapkv"])
-def test_a_hit_keeps_what_a_fresh_request_keeps(engine, policy):
+@pytest.mark.parametrize("policy,dtype", [("madakv", "float32"), ("snapkv", "float32"), ("madakv", "bfloat16")])
+def test_a_hit_keeps_what_a_fresh_request_keeps(engine, policy, dtype):
     """The same request with a prefix-cache hit and without one: exactly the same retained entries
     in every (layer, head) and the same greedy tokens; the hit leaves the window to recompute."""
     cfg = {"policy": policy, "budget": 0.2}
-    cached, fresh = engine("qwen2vl", cfg), engine("qwen2vl", cfg, enable_prefix_caching=False)
+    kw = SMALL if dtype == "float32" else {**SMALL, "dtype": dtype}
+    cached, fresh = engine("qwen2vl", cfg, **kw), engine("qwen2vl", cfg, enable_prefix_caching=False, **kw)
     sp = greedy(24)
-    kept_entries(cached, f"{policy}-prime-q0", sp)  # puts the shared prefix in the cache
+    kept_entries(cached, f"{policy}-{dtype}-prime-q0", sp)  # puts the shared prefix in the cache
     for i in (1, 2):
-        e_hit, t_hit, hit = kept_entries(cached, f"{policy}-hit-q{i}", sp)
-        e_new, t_new, none = kept_entries(fresh, f"{policy}-fresh-q{i}", sp)
+        e_hit, t_hit, hit = kept_entries(cached, f"{policy}-{dtype}-hit-q{i}", sp)
+        e_new, t_new, none = kept_entries(fresh, f"{policy}-{dtype}-fresh-q{i}", sp)
         n = len(cached.get_tokenizer()(question(i)["prompt"]).input_ids)
         assert none == 0 and 0 < hit <= n - 32 and hit % 32 == 0, (hit, n)
         assert hit >= (n - 32 - 40 - 32) // 32 * 32  # the whole shared prefix, up to a page
@@ -138,18 +140,18 @@ def test_packed_pages_never_hashed_and_shared_pages_never_written(engine):
     """Two requests hit one cached prefix and compress in the same steps: at every step no page a
     compressed request packs into has a hash (so no lookup can find it), and the shared pages hold
     the same bytes before and after both compressions."""
-    llm = engine("qwen2vl", MADAKV)
+    llm = engine("qwen2vl", MADAKV, **SMALL)
     pool = block_pool(llm)
     hashed_by_prime: set[int] = set()
     states = []
 
     def note_hashed(llm):
-        rid = internal_id(llm, "prime-q0")
+        rid = internal_id(llm, "prime-q20")
         if rid:
             hashed_by_prime.update(b.block_id for b in manager(llm).req_to_blocks[rid] if b.block_hash is not None)
             states.append(worker_state(llm, rid)[0])
 
-    run(llm, {"prime-q0": (question(0), greedy(4))}, note_hashed)
+    run(llm, {"prime-q20": (question(20), greedy(4))}, note_hashed)
     state = next(st for st in states if st is not None)
     c = state.cache
 
@@ -162,7 +164,7 @@ def test_packed_pages_never_hashed_and_shared_pages_never_written(engine):
     hits, checked = {}, [0]
 
     def check(llm):
-        for name in ("hit-q1", "hit-q2"):
+        for name in ("hit-q21", "hit-q22"):
             rid = internal_id(llm, name)
             if rid is None:
                 continue
@@ -180,9 +182,9 @@ def test_packed_pages_never_hashed_and_shared_pages_never_written(engine):
                 assert pool.blocks[p].block_hash is None, p
             checked[0] += 1
 
-    outs = run(llm, {"hit-q1": (question(1), greedy(40)), "hit-q2": (question(2), greedy(40))}, check)
+    outs = run(llm, {"hit-q21": (question(21), greedy(40)), "hit-q22": (question(22), greedy(40))}, check)
     assert checked[0] > 40 and all(o.num_cached_tokens > 0 for o in outs.values())
-    assert hits["hit-q1"] and hits["hit-q1"] == hits["hit-q2"] <= set(shared_pages)
+    assert hits["hit-q21"] and hits["hit-q21"] == hits["hit-q22"] <= set(shared_pages)
     assert torch.equal(page_bytes(shared_pages), before)
 
 
@@ -193,7 +195,7 @@ def test_aborts_preemption_n_and_duplicates_with_shared_pages_return_every_page(
     from vllm import SamplingParams
 
     llm = engine("qwen2vl", MADAKV, num_gpu_blocks_override=80, max_model_len=2048, max_num_seqs=16)
-    fresh = engine("qwen2vl", MADAKV, enable_prefix_caching=False)
+    fresh = engine("qwen2vl", MADAKV, enable_prefix_caching=False, **SMALL)
     sched = core(llm).scheduler
     preempted = []
     orig = sched._preempt_request
@@ -226,7 +228,7 @@ def test_aborts_preemption_n_and_duplicates_with_shared_pages_return_every_page(
 def test_chunked_prefill_eviction_neither_reads_nor_adds_to_the_cache(engine):
     """Requests that evict during chunked prefill rewrite pages in place: none of their pages is ever
     hashed and they get no hit, while an end-mode request on the same server reuses the prefix."""
-    llm = engine("qwen2vl", MADAKV)
+    llm = engine("qwen2vl", MADAKV, **SMALL)
     chunked = greedy(8, madakv_prefill_eviction="chunked")
     hashed = []
 
