@@ -190,7 +190,7 @@ class RequestPlan:
         None for stock's rule: a request compressed at its prompt's end recomputes its last
         ``window`` tokens (their queries choose what it keeps); one evicting during chunked prefill
         reads nothing from the cache."""
-        if not self.prefix_caching or self.cfg.policy == "full":
+        if not self.prefix_caching:
             return None
         if self.cfg.chunked:
             return 0
@@ -201,7 +201,7 @@ class RequestPlan:
     def max_cached_tokens(self, block_size: int) -> int | None:
         """Most tokens whose pages vLLM may hash, or None for no limit (never compressed, like
         stock): the prompt's full pages before its compression; none in chunked mode."""
-        if not self.prefix_caching or self.cfg.policy == "full":
+        if not self.prefix_caching:
             return None
         if self.cfg.chunked:
             return 0
