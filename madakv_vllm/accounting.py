@@ -24,7 +24,13 @@ never below the window (+ sinks): after compression a request holds at most
 1.15 x budget x stock plus one partly filled page.
 Without alignment, per-head counts are arbitrary: rounding each of the L*H sequences
 up to whole sub-blocks wastes less than L*H sub-blocks, i.e. less than one page,
-hence P = ceil(B / bs) + 1 next to the tail.
+hence P = ceil(B / bs) + 1 next to the tail. Either way a compression happens only if it frees a
+page (P < floor(T / bs)); otherwise the request keeps its stock pages.
+
+A request preempted after its compression resumes by recomputing its prompt and generated tokens.
+Its chunks stop at every length at which it was compressed (``RequestPlan.chunk_limit``): at
+its prompt's end it selects from the same prompt with the same window queries, and its generated
+tokens are then appended to every (layer, head) sequence as they were when it decoded them.
 
 Eviction during chunked prefill (``prefill_eviction: chunked``): a request is also
 compressed when a prefill chunk ends at T before the prompt does, if that frees a
@@ -172,6 +178,25 @@ class RequestPlan:
         adds to the prefix cache, and packs in place)."""
         return self.prefix_caching and not self.cfg.chunked
 
+    def prompt_plan(self, block_size: int) -> CompressionPlan | None:
+        """The plan of the compression at the prompt's end, as :meth:`advance` will make it
+        (every chunk stops there: :meth:`chunk_limit`); None when the prompt is not compressed."""
+        return plan_compression(self.cfg, self.num_prompt_tokens, block_size)
+
+    def chunk_limit(self, computed: int, block_size: int) -> int | None:
+        """Longest length a step that starts at ``computed`` may reach: the next length at which
+        the request is compressed (its prompt's end, then every ``recompress_interval`` tokens), so
+        every event sees exactly the tokens it would see in an uninterrupted run. Only a request
+        replaying its output after preemption has chunks that would run past one; None: no limit.
+        Pure in ``computed`` (the scheduler asks before it calls :meth:`advance` for that length)."""
+        p = self.num_prompt_tokens
+        if computed < p:
+            return p
+        interval = self.cfg.recompress_interval
+        if interval <= 0 or (self.plan is None and self.prompt_plan(block_size) is None):
+            return None
+        return p + ((computed - p) // interval + 1) * interval
+
     def extra_pages(self, length: int, block_size: int) -> int:
         """Pages the request holds beyond vLLM's cdiv(length, bs) once its computed length reaches
         ``length``: the fresh pages, from the step that reaches the prompt's compression on.
@@ -182,21 +207,22 @@ class RequestPlan:
             return self.plan.keep_pages if self.plan.fresh_at is not None else 0
         if self.decided or length < self.num_prompt_tokens:
             return 0
-        plan = plan_compression(self.cfg, length, block_size)
+        plan = self.prompt_plan(block_size)
         return 0 if plan is None else plan.keep_pages
 
     def max_cache_hit(self, num_tokens: int, block_size: int) -> int | None:
         """Most tokens of a ``num_tokens``-token request that may come from the prefix cache, or
-        None for stock's rule: a request compressed at its prompt's end recomputes its last
-        ``window`` tokens (their queries choose what it keeps); one evicting during chunked prefill
-        reads nothing from the cache."""
+        None for stock's rule: a request compressed at its prompt's end recomputes its prompt's
+        last ``window`` tokens (their queries choose what it keeps), also when it resumes after a
+        preemption with generated tokens that another request's pages may cover; one evicting
+        during chunked prefill reads nothing from the cache."""
         if not self.prefix_caching:
             return None
         if self.cfg.chunked:
             return 0
-        if plan_compression(self.cfg, max(num_tokens, self.num_prompt_tokens), block_size) is None:
+        if self.prompt_plan(block_size) is None:
             return None
-        return max(num_tokens - self.cfg.window, 0)
+        return max(min(num_tokens, self.num_prompt_tokens) - self.cfg.window, 0)
 
     def max_cached_tokens(self, block_size: int) -> int | None:
         """Most tokens whose pages vLLM may hash, or None for no limit (never compressed, like
@@ -275,12 +301,10 @@ def plan_compression(cfg: MadaKVConfig, comp_len: int, block_size: int) -> Compr
     if cfg.page_aligned:
         offset = comp_len % block_size
         pages = aligned_pages(budget, offset, cfg.window + cfg.sinks, block_size)
-        if pages >= comp_len // block_size:  # would free no page
-            return None
-        return CompressionPlan(comp_len, pages * block_size + offset, pages, cfg.recompress_interval, block_size)
-    return CompressionPlan(
-        comp_len=comp_len,
-        budget=budget,
-        keep_pages=cdiv(budget, block_size) + 1,
-        interval=cfg.recompress_interval,
-    )
+        plan = CompressionPlan(comp_len, pages * block_size + offset, pages, cfg.recompress_interval, block_size)
+    else:
+        pages = cdiv(budget, block_size) + 1
+        plan = CompressionPlan(comp_len, budget, pages, cfg.recompress_interval)
+    # A compression that frees no page would hold as many pages as stock or more (and with fresh
+    # pages need more block-table entries than stock's twice): the request runs as stock.
+    return plan if pages < comp_len // block_size else None

@@ -289,3 +289,72 @@ def test_fresh_page_contract_with_prefix_caching(n, budget, bs, L, H, window, ch
         prev = T
     if rp.plan is None:  # never compressed: cached as stock caches it
         assert rp.max_cached_tokens(bs) is None
+
+
+def test_unaligned_compression_that_frees_no_page_does_not_happen():
+    """Unaligned, P = cdiv(B, bs) + 1 packed pages: at 0.998 of a 1,000-token prompt that is 33
+    pages of a 32-page prompt (more block-table entries than vLLM sized; the engine died), and at
+    0.9 of 100 tokens 4 fresh pages + the tail against stock's 4. Both run as stock now."""
+    assert plan_compression(MadaKVConfig(budget=0.998, page_aligned=False), 1000, 32) is None
+    assert plan_compression(MadaKVConfig(budget=0.9, page_aligned=False), 100, 32) is None
+    p = plan_compression(MadaKVConfig(budget=0.9, page_aligned=False), 1000, 32)
+    assert p.keep_pages == 30 < 1000 // 32
+
+
+budgets = st.one_of(st.floats(0.001, 1.0), st.integers(1, 20_000))
+
+
+@settings(max_examples=500, deadline=None)
+@given(budget=budgets, aligned=st.booleans(), window=st.integers(1, 300), sinks=st.sampled_from([None, 0, 4, 64]),
+       bs=st.sampled_from([16, 32, 64, 128]), max_len=st.integers(1, 16_384), data=st.data())
+def test_every_compression_frees_a_page_and_fits_the_block_table(budget, aligned, window, sinks, bs, max_len, data):
+    """For every per-request setting and prompt length up to max_model_len: a compression frees at
+    least one page against stock, and with fresh pages (prefix caching) the block list never needs
+    more entries than the workers' table holds (MadaKVAttentionSpec.max_num_blocks_per_req: twice
+    stock's)."""
+    n = data.draw(st.integers(1, max_len))
+    gen = data.draw(st.integers(0, max_len - n))
+    cfg = MadaKVConfig(budget=budget, page_aligned=aligned, window=window, sink_tokens=sinks)
+    plan = plan_compression(cfg, n, bs)
+    if plan is None:
+        return
+    stock = cdiv(n, bs)
+    held = plan.keep_pages + (stock - n // bs)  # packed pages + the tail page
+    assert held < stock
+    rp = RequestPlan(cfg=cfg, num_prompt_tokens=n, prefix_caching=True)
+    assert rp.advance(n, bs) is EventKind.PROMPT
+    last = rp.plan.block_index(cdiv(n + gen, bs) - 1)  # the block-list index of the last page
+    assert last < 2 * cdiv(max_len, bs)
+    assert rp.extra_pages(n + gen, bs) == plan.keep_pages < stock
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(33, 4000), out=st.integers(1, 500), budget=st.floats(0.05, 0.9),
+       window=st.integers(1, 64), chunked=st.booleans())
+def test_a_resumed_request_never_hits_past_its_prompt(n, out, budget, window, chunked):
+    """A preempted request resumes with its generated tokens in ``num_tokens``; another request's
+    hashed pages may cover them (a policy-full request whose prompt is this prompt plus this
+    output). The hit must still leave the prompt's last ``window`` tokens to recompute, so the
+    prompt's compression runs in a step the workers compute (no hit at all in chunked mode)."""
+    cfg = MadaKVConfig(budget=budget, window=window, prefill_eviction="chunked" if chunked else "end")
+    rp = RequestPlan(cfg=cfg, num_prompt_tokens=n, prefix_caching=True)
+    most = rp.max_cache_hit(n + out, 32)
+    if chunked:
+        assert most == 0
+    elif rp.prompt_plan(32) is None:
+        assert most is None  # never compressed: stock's rule
+    else:
+        assert most == max(n - window, 0) and most < n
+
+
+def test_chunks_stop_where_the_request_was_compressed():
+    """A resumed request replays prompt + output; every chunk stops at the prompt's end, then at
+    each re-compression, so it is compressed at the same lengths as before its preemption."""
+    cfg = MadaKVConfig(budget=0.2, recompress_interval=32)
+    rp = RequestPlan(cfg=cfg, num_prompt_tokens=1000)
+    assert rp.chunk_limit(0, 32) == 1000 and rp.chunk_limit(968, 32) == 1000
+    assert rp.chunk_limit(1000, 32) == 1032 and rp.chunk_limit(1031, 32) == 1032 and rp.chunk_limit(1032, 32) == 1064
+    no_recompress = RequestPlan(cfg=cfg.model_copy(update={"recompress_interval": 0}), num_prompt_tokens=1000)
+    assert no_recompress.chunk_limit(500, 32) == 1000 and no_recompress.chunk_limit(1000, 32) is None
+    never = RequestPlan(cfg=cfg.model_copy(update={"policy": "full"}), num_prompt_tokens=1000)
+    assert never.chunk_limit(1000, 32) is None

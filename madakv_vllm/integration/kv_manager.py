@@ -8,7 +8,8 @@ With vLLM's prefix caching on, a request compressed at its prompt's end packs in
 the manager allocates in the step that completes the prompt; its prompt pages go back to the
 pool still hashed (reusable by a later request with the same prefix), and nothing it writes
 after that is ever hashed (``cache_blocks``). A prefix-cache hit is capped so that the request
-recomputes its observation window (``max_cache_hit``, applied by patches.py).
+recomputes its observation window (``max_cache_hit``, applied by patches.py). A request resumed
+after preemption replays its output in chunks that stop where it was compressed (``chunk_tokens``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ class MadaKVManager(FullAttentionManager):
         """Most tokens of ``request`` a prefix-cache hit may cover, in whole pages (None: stock's)."""
         most = self.note_request(request).max_cache_hit(request.num_tokens, self.block_size)
         return None if most is None else most // self.block_size * self.block_size
+
+    def chunk_tokens(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """vLLM's chunk for ``request``, cut at its next compression (a resumed request replaying
+        its output: accounting.RequestPlan.chunk_limit)."""
+        limit = self.note_request(request).chunk_limit(num_computed_tokens, self.block_size)
+        return num_new_tokens if limit is None else min(num_new_tokens, limit - num_computed_tokens)
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         """Hash only pages that hold a prompt's stock KV: never a compressed request's own."""

@@ -21,6 +21,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``MediaConnector._load_file_url`` | a file URL the server may not or cannot read is a 400 (vLLM 0.32: 500 without ``--allowed-local-media-path``) |
 | ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
 | ``KVCacheManager.get_computed_blocks`` | a prefix-cache hit of a request that is compressed at its prompt's end leaves its observation window to recompute; chunked-prefill eviction reads no hit (``accounting.RequestPlan.max_cache_hit``) |
+| ``Scheduler._reserve_prefill_lookahead`` | a request resumed after preemption replays its output in chunks that stop where it was compressed (``accounting.RequestPlan.chunk_limit``) |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner.initialize_kv_cache`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start), which then bind their per-head views of the KV cache it allocated |
 
@@ -65,6 +66,7 @@ def install() -> None:
     _wrap("vllm.multimodal.media.connector", "MediaConnector._load_file_url", _load_file_url)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", _allocate_slots)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", _get_computed_blocks)
+    _wrap("vllm.v1.core.sched.scheduler", "Scheduler._reserve_prefill_lookahead", _reserve_prefill_lookahead)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache", _initialize_kv_cache)
 
@@ -291,6 +293,20 @@ def _get_computed_blocks(orig):
             if most is not None and most < num_hit:
                 blocks, num_hit = self.truncate_computed_blocks(blocks, most), most
         return (blocks, num_hit, *rest)
+
+    return wrapper
+
+
+def _reserve_prefill_lookahead(orig):
+    """vLLM's last cut of a chunk, for running and waiting requests alike: a request resumed after
+    preemption replays its output in chunks that stop where it was compressed, so it compresses at
+    the same lengths as it did before (``MadaKVManager.chunk_tokens``)."""
+    def wrapper(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs):
+        n = orig(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+        if n > 1:  # one token (decode) never passes a compression
+            for m in _madakv_managers(self.kv_cache_manager):
+                n = m.chunk_tokens(request, num_computed_tokens, n)
+        return n
 
     return wrapper
 
