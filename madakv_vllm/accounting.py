@@ -166,6 +166,11 @@ class RequestPlan:
         if not final and not self.cfg.chunked:
             return None
         self.decided = final
+        if length > self.num_prompt_tokens and self.plan is None:
+            # Past its prompt at once: a resumed request whose hit covered its output, which only a
+            # request its prompt does not compress gets (``max_cache_hit``). The scheduler sees the
+            # hit's length and the workers the step's: both decide as at the prompt, no compression.
+            return None
         nxt = next_plan(self.cfg, length, block_size, self.plan, final, fresh=self.fresh_pages)
         if nxt is None:
             return None

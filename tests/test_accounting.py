@@ -358,3 +358,15 @@ def test_chunks_stop_where_the_request_was_compressed():
     assert no_recompress.chunk_limit(500, 32) == 1000 and no_recompress.chunk_limit(1000, 32) is None
     never = RequestPlan(cfg=cfg.model_copy(update={"policy": "full"}), num_prompt_tokens=1000)
     assert never.chunk_limit(1000, 32) is None
+
+
+def test_a_request_past_its_prompt_at_once_is_decided_uncompressed_on_both_sides():
+    """A resumed request its prompt does not compress (2 tokens, budget 2) may hit its own hashed
+    output pages: the scheduler first sees the hit's length (64), the workers the step's end (67).
+    A compression planned at either length would disagree; both decide as at the prompt: none."""
+    cfg = MadaKVConfig(policy="snapkv", budget=2)
+    scheduler, worker = (RequestPlan(cfg=cfg, num_prompt_tokens=2, prefix_caching=True) for _ in range(2))
+    assert scheduler.max_cache_hit(67, 32) is None  # stock's rule: the hit may pass the prompt
+    assert scheduler.advance(64, 32) is None and worker.advance(67, 32) is None
+    assert scheduler.decided and worker.decided and scheduler.plan is worker.plan is None
+    assert scheduler.advance(67, 32) is None and scheduler.advance(100, 32) is None

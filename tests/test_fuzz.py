@@ -6,12 +6,14 @@ images, zero or too many images, empty content, prompts over max_model_len and e
 import base64
 import io
 import json
+import random
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from madakv_eval.random_mix import draw_xargs
 from madakv_eval.serve import chat_with_image, free_port, metrics, serve
 
 pytestmark = pytest.mark.slow
@@ -88,7 +90,10 @@ requests = st.fixed_dictionaries(
         "max_tokens": st.one_of(st.integers(-2, 24), st.sampled_from([10**7, "8", 2.5])),
         "temperature": st.one_of(st.floats(-5, 5, allow_nan=False), st.sampled_from([None, "hot"])),
         "vllm_xargs": st.one_of(st.dictionaries(st.sampled_from(MADAKV_KEYS), odd_values, max_size=4),
-                                st.sampled_from([None, [], "x"])),
+                                st.sampled_from([None, [], "x"]),
+                                # legal extremes, drawn as the engine-level random mixes draw them
+                                st.builds(lambda seed, n: draw_xargs(random.Random(seed), n),
+                                          st.integers(0, 10**6), st.integers(1, MAX_MODEL_LEN))),
         "stream": st.booleans(),
     },
 )
@@ -107,6 +112,21 @@ def test_fuzzed_chat_requests_never_get_a_5xx(server, body):
     assert r.status_code < 500, (r.status_code, text[:500], json.dumps(body)[:800])
     if r.status_code == 200 and body.get("stream"):  # an error after the status is an event in the stream
         assert "InternalServerError" not in text, (text[:500], json.dumps(body)[:800])
+
+
+@pytest.mark.parametrize("n,xargs", [(1000, {"madakv_page_aligned": False, "madakv_budget": 0.998}),
+                                     (1000, {"madakv_budget": 1, "madakv_window": 1}),
+                                     (MAX_MODEL_LEN - 24, {"madakv_budget": MAX_MODEL_LEN, "madakv_recompress_interval": 1}),
+                                     (100, {"madakv_page_aligned": False, "madakv_budget": 0.9})])
+def test_legal_extreme_completions_are_served(server, n, xargs):
+    """Token-id prompts up to max_model_len with legal extreme settings: a 200 with every token
+    (1,000 tokens at 0.998 unaligned once killed the engine: its plan outgrew the block table)."""
+    port, model, client, _ = server
+    body = {"model": model, "prompt": [100 + i % 300 for i in range(n)], "max_tokens": 24, "ignore_eos": True,
+            "temperature": 0, "vllm_xargs": xargs}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["usage"]["completion_tokens"] == 24
 
 
 def test_server_survives_the_fuzzing_and_returns_every_page(server):
