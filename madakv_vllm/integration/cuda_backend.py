@@ -40,7 +40,7 @@ from vllm.platforms.interface import DeviceCapability
 from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 
 from madakv_vllm.integration import per_head
-from madakv_vllm.integration.cpu_backend import layer_caches
+from madakv_vllm.integration.cpu_backend import layer_caches, preferred_block_size
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.paged import TorchFlatKVCache
 from madakv_vllm.integration.rules import server_config
@@ -91,6 +91,10 @@ class MadaKVCUDABackend(AttentionBackend):
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         return per_head.customize_spec(spec)
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        return preferred_block_size(cls, super().get_preferred_block_size(default_block_size))
 
 
 @dataclass

@@ -23,6 +23,7 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``KVCacheManager.get_computed_blocks`` | a prefix-cache hit of a request that is compressed at its prompt's end leaves its observation window to recompute; chunked-prefill eviction reads no hit (``accounting.RequestPlan.max_cache_hit``) |
 | ``Scheduler._reserve_prefill_lookahead`` | a request resumed after preemption replays its output in chunks that stop where it was compressed (``accounting.RequestPlan.chunk_limit``) |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
+| ``GPUModelRunner._bookkeeping_sync`` | a seeded request whose prompt takes several steps no longer kills the CPU engine (vLLM 0.32 rewinds its sampler with ``Generator.set_offset``, which CPU generators lack) |
 | ``GPUModelRunner.initialize_kv_cache`` | hands the V1 runner to our metadata builders (a builder built elsewhere refuses to start), which then bind their per-head views of the KV cache it allocated |
 
 What the wrappers apply lies below this module and never imports it: ``rules.py`` (startup checks,
@@ -69,6 +70,7 @@ def install() -> None:
     _wrap("vllm.v1.core.sched.scheduler", "Scheduler._reserve_prefill_lookahead", _reserve_prefill_lookahead)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache", _initialize_kv_cache)
+    _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._bookkeeping_sync", _bookkeeping_sync)
 
 
 def _wrap(module: str, qualname: str, make_wrapper, as_classmethod: bool = False) -> None:
@@ -285,8 +287,8 @@ def _get_computed_blocks(orig):
     last ``window`` tokens, whose queries choose what it keeps, so the hit is trimmed to whole
     pages below that (vLLM's own ``truncate_computed_blocks``). The scheduler records the trimmed
     hit in vLLM's prefix-cache counters."""
-    def wrapper(self, request):
-        blocks, num_hit, *rest = orig(self, request)
+    def wrapper(self, request, *args, **kwargs):
+        blocks, num_hit, *rest = orig(self, request, *args, **kwargs)
         if num_hit:
             limits = [m.max_cache_hit(request) for m in _madakv_managers(self)]
             most = min((x for x in limits if x is not None), default=None)
@@ -334,5 +336,24 @@ def _initialize_kv_cache(orig):
 
         with per_head.initializing_kv_cache(self):
             return orig(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _bookkeeping_sync(orig):
+    """vLLM 0.32 rewinds the generator of a seeded request whose step was a partial prefill (its
+    sampled token is discarded) with ``get_offset``/``set_offset``, which only CUDA generators have:
+    on the CPU platform ``RuntimeError: CPU Generator does not use offset`` ends the engine. CPU
+    generators are kept out of that rewind: the discarded draw advances them, so a seeded request's
+    samples are reproducible for the same chunking of its prompt."""
+    def wrapper(self, *args, **kwargs):
+        gens = self.input_batch.generators
+        cpu = {i: g for i, g in gens.items() if g.device.type == "cpu"} if rules.selected_in(self.vllm_config) else {}
+        for i in cpu:
+            del gens[i]
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            gens.update(cpu)
 
     return wrapper
