@@ -1,7 +1,8 @@
 """Decode latency, prefill overhead and KV bytes per request: stock vLLM (CPU_ATTN) vs madakv.
 
     python scripts/bench_decode.py [--layers 4] [--lengths 4096,16384] [--budgets full,0.5,0.2,0.1,0.05]
-                                   [--images 8] [--decode 48] [--repeats 3] [--out models/bench_decode.json]
+                                   [--images 8] [--decode 48] [--repeats 3] [--prefix-caching]
+                                   [--out models/bench_decode.json]
     # docs/results.md: --layers 2 --lengths 4096,16384,32768 --images 16 --decode 48 --repeats 2
 
 Model: Qwen2-VL-2B's attention geometry (12 query heads, 2 KV heads, head dim 128, hidden 1536,
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--policy", default="madakv")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="both engines with vLLM's prefix caching on (its default), emptied before every run")
     ap.add_argument("--out", default=str(ROOT / "models" / "bench_decode.json"))
     args = ap.parse_args(argv)
 
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     common = dict(model=str(model), enforce_eager=True, max_model_len=max(lengths) + args.decode + 64,
                   block_size=32, seed=0, max_num_batched_tokens=4096, limit_mm_per_prompt={"image": args.images},
-                  enable_prefix_caching=False)  # a repeated prompt must not hit the prefix cache
+                  enable_prefix_caching=args.prefix_caching)  # on: emptied before every run (no hit)
     stock = LLM(**common)
     ours = LLM(**common, attention_backend="madakv", additional_config={"madakv": {"policy": "full"}})
     tok = stock.get_tokenizer()
@@ -141,6 +144,8 @@ def main(argv=None) -> int:
             if name not in ("stock", "full"):
                 extra = {"madakv_policy": args.policy, "madakv_budget": float(name)}
             sp = SamplingParams(max_tokens=args.decode, temperature=0, ignore_eos=True, extra_args=extra)
+            if args.prefix_caching:  # a repeated prompt must not hit the prefix cache
+                assert llm.reset_prefix_cache()
             meas[name].append(run_one(llm, prompt, sp))
         pre = {k: [m[0] for m in v] for k, v in meas.items()}
         dec = {k: [statistics.median(m[1][2:]) for m in v] for k, v in meas.items()}

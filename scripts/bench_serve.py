@@ -68,7 +68,7 @@ def run_engine(name: str, model: Path, args, kv_bytes: int) -> dict:
     common = ["--max-model-len", str(args.input_len + args.images * 64 + args.output_len + 256),
               "--block-size", str(BLOCK_SIZE), "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes),
               "--max-num-seqs", str(args.concurrency), "--limit-mm-per-prompt", json.dumps({"image": args.images}),
-              "--seed", "0", "--no-enable-prefix-caching"]
+              "--seed", "0"] + ([] if args.prefix_caching else ["--no-enable-prefix-caching"])
     if name != "stock":
         cfg = {"policy": "full"} if name == "full" else {"policy": args.policy, "budget": float(name)}
         common += ["--attention-backend", "madakv", "--additional-config", json.dumps({"madakv": cfg})]
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=8, help="images per request (64 tokens each)")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--stock-fit", type=int, default=4, help="KV pool = this many whole stock requests")
+    ap.add_argument("--prefix-caching", action="store_true", help="vLLM's prefix caching on (its default) in every engine")
     ap.add_argument("--out", default=str(ROOT / "models" / "bench_serve.json"))
     args = ap.parse_args(argv)
 

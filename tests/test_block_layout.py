@@ -1,7 +1,14 @@
 """Reading vLLM's CPU KV layouts back without knowing them (madakv_vllm/integration/block_layout.py).
 
-vLLM's own writer is probed for every ISA it accepts on this CPU, in every dtype; layouts this CPU
-cannot produce are emulated by Python writers; deliberately broken writers must fail loudly.
+vLLM's own writer is probed for every ISA the vLLM kernel library loaded here accepts, in every dtype;
+layouts it cannot produce are emulated by Python writers; deliberately broken writers must fail loudly.
+
+Which writers exist is a property of the vLLM library, which vLLM picks by the CPU's features
+(``CpuPlatform.import_kernels``, x86: ``vllm._C`` with AVX-512 BF16, ``vllm._C_AVX512`` with AVX-512
+only, ``vllm._C_AVX2`` otherwise). Tried with vLLM 0.32 on an AMD EPYC (AVX-512 BF16, no AMX tiles):
+``vllm._C`` is loaded and its ``amx`` writer works (it is plain code: only the amx *attention kernel*
+executes AMX tile instructions); ``vllm._C_AVX512`` and ``vllm._C_AVX2``, loaded by hand, refuse
+``amx`` ("Unsupported CPU attention configuration"). So a skip here names the library, not the CPU.
 """
 
 import math
@@ -20,15 +27,16 @@ from madakv_vllm.integration.block_layout import (
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# What each of vLLM 0.32's CPU attention ISAs needs from the CPU (a skip names it).
-ISA_NEEDS = {
-    "vec": "an x86 CPU with AVX2 or AVX-512",
-    "vec16": "an x86 CPU with AVX2 or AVX-512",
-    "amx": "an x86 CPU with AVX-512 (its writer is scalar; only its attention kernel needs AMX tiles)",
-    "neon": "an Arm CPU (NEON)",
-    "vsx": "a POWER CPU (VSX)",
-    "vxe": "an IBM Z CPU (s390x vector extensions)",
-    "rvv": "a RISC-V CPU with the vector extension (RVV)",
+# Which vLLM 0.32 libraries compile each CPU attention ISA's KV writer (a skip names it).
+ISA_BUILDS = {
+    "vec": "every x86 library of vLLM",
+    "vec16": "every x86 library of vLLM",
+    "amx": "vllm._C only, the library vLLM loads on x86 CPUs with AVX-512 BF16 (vllm._C_AVX512 and "
+           "vllm._C_AVX2 refuse it); the writer needs no AMX tiles, only the amx attention kernel does",
+    "neon": "vLLM's Arm (aarch64) builds",
+    "vsx": "vLLM's POWER builds",
+    "vxe": "vLLM's IBM Z (s390x) builds",
+    "rvv": "vLLM's RISC-V builds",
 }
 
 
@@ -38,13 +46,28 @@ def cpu_name() -> str:
     return cpu_description()
 
 
+def kernel_library() -> str:
+    """The vLLM kernel library this process loaded (vllm._C, vllm._C_AVX512, ...)."""
+    import vllm._custom_ops  # noqa: F401  (loads it)
+
+    try:
+        with open("/proc/self/maps") as f:
+            names = {line.split("/")[-1].split(".")[0] for line in f if "/vllm/_C" in line}
+    except OSError:
+        names = set()
+    return ", ".join(f"vllm.{n}" for n in sorted(names)) or "vLLM's kernel library"
+
+
 def written_layout_or_skip(isa, bs, d, dtype):
+    """The layout of vLLM's writer for ``isa``; skips if the loaded vLLM library refuses it."""
     try:
         return kernel_layout(isa, bs, d, dtype)
     except LayoutError as e:
         if "refuses" in str(e):
-            pytest.skip(f"vLLM's KV writer for ISA {isa!r} needs {ISA_NEEDS[isa]}; this CPU is {cpu_name()} "
-                        f"({platform.machine()})")
+            pytest.skip(f"the vLLM library loaded here ({kernel_library()}, {platform.machine()}) has no {isa!r} KV "
+                        f"writer for block size {bs}, head size {d}, {dtype}; {isa!r} is compiled into "
+                        f"{ISA_BUILDS[isa]}. vLLM's refusal: {str(e).split('): ', 1)[-1].strip()} "
+                        f"(CPU: {cpu_name()})")
         raise
 
 
@@ -56,7 +79,7 @@ X86_ISAS = ("vec", "vec16", "amx")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("isa, bs, d", [(isa, bs, d) for isa in ISA_NEEDS
+@pytest.mark.parametrize("isa, bs, d", [(isa, bs, d) for isa in ISA_BUILDS
                                         for bs, d in (SHAPES if isa in X86_ISAS else SHAPES[:1])])
 def test_every_writer_this_cpu_runs_is_probed_and_reads_back(isa, dtype, bs, d):
     """The probe's own round trip is checked inside; here also a multi-layer, multi-head buffer
@@ -76,9 +99,68 @@ def test_every_writer_this_cpu_runs_is_probed_and_reads_back(isa, dtype, bs, d):
     assert torch.equal(rk, k) and torch.equal(rv, v)
 
 
-def test_amx_bf16_layout_is_the_one_in_vllms_source():
-    """csrc/cpu/cpu_attn_amx.hpp in vLLM 0.32 (o: slot offset, d: dim): the probe finds exactly it,
-    and reads it through a strided view rather than a gather table."""
+def same_bytes_as_vec(isa, bs, d, dtype) -> bool:
+    """Whether vLLM's ``isa`` writer lays out a page exactly as its ``vec`` writer (a library without
+    an ``isa`` writer of its own may serve it with vec's: vLLM 0.32's ``amx`` at head sizes 80, 112)."""
+    from madakv_vllm.integration.block_layout import kernel_writer
+
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(bs, 1, d, generator=gen).to(dtype), torch.randn(bs, 1, d, generator=gen).to(dtype)
+    pages = []
+    for name in (isa, "vec"):
+        buf = torch.zeros(1, 1, 2 * bs, d, dtype=dtype)
+        kernel_writer(name)(k, v, *buf.chunk(2, dim=2), torch.arange(bs))
+        pages.append(buf)
+    return torch.equal(*pages)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bs, d", [(32, 64), (64, 128), (256, 512)])
+def test_amx_writer_round_trips_through_the_reader(bs, d, dtype):
+    """What is checked without AMX tiles, and independently of any formula: arbitrary values written
+    by vLLM's own ``amx`` writer into EVERY slot of a multi-layer, multi-head buffer (starting at a
+    non-zero storage offset, viewed per layer as the engine's) read back exactly through FlatKVCache,
+    both through the strided view and through the raw gather tables; read with ``vec``'s layout
+    instead they do not (so the round trip depends on the probed layout). This checks the reader
+    against the writer. It does NOT check that vLLM's amx attention kernel reads that layout: only
+    test_cpu_isa.py::test_kernel_on_the_per_head_view_equals_dense_attention[amx-...] does, on a CPU
+    with AMX tiles."""
+    from madakv_vllm.integration.paged import FlatKVCache
+
+    layout = written_layout_or_skip("amx", bs, d, dtype)
+    vec = kernel_layout("vec", bs, d, dtype)
+    if same_bytes_as_vec("amx", bs, d, dtype):  # asked of the writers themselves, not of the probe
+        pytest.skip(f"the vLLM library loaded here ({kernel_library()}) serves ISA 'amx' with vec's writer for "
+                    f"head size {d}: no amx layout of its own to check")
+    assert layout.key_form is not None and layout.value_form is not None  # read through strided views
+    L, NB, H = 2, 3, 2
+    pad = 3 * d  # the buffer starts inside a larger allocation: reads must honour its storage offset
+    buf = torch.zeros(pad + L * NB * H * bs * 2 * d, dtype=dtype)[pad:].view(L, NB, H, bs, 2 * d)
+    cache = FlatKVCache([buf[l] for l in range(L)], "amx")
+    gen = torch.Generator().manual_seed(7)
+    slots = torch.randperm(cache.num_subblocks * bs, generator=gen)  # every slot, in scattered order
+    k = (torch.randn(len(slots), d, generator=gen) * 100).to(dtype)
+    v = (torch.randn(len(slots), d, generator=gen) * 100).to(dtype)
+    cache.write(k, v, slots)  # vLLM's cpu_attn_reshape_and_cache, ISA 'amx'
+    rk, rv = cache.read(slots)
+    assert torch.equal(rk, k) and torch.equal(rv, v)
+    sub_elems = 2 * bs * d
+    flat, sb, off = cache.flat.reshape(-1), slots // bs, slots % bs  # (flat starts at the view's offset)
+    assert torch.equal(flat[(sb * sub_elems).unsqueeze(1) + layout.key_index[off]], k)  # the gather tables
+    assert torch.equal(flat[(sb * sub_elems).unsqueeze(1) + layout.value_index[off]], v)
+    wk, wv = vec.read(cache.flat, slots)
+    assert not torch.equal(wk, k) and not torch.equal(wv, v)
+
+
+def test_amx_bf16_layout_matches_a_hand_reading_of_vllms_writer():
+    """NOT an independent check of the amx kernel: the formula below is a hand reading of the same
+    writer the probe asks (``AttentionImpl<ISA::AMX>::reshape_and_cache`` in vLLM's
+    csrc/cpu/cpu_attn_amx.hpp: K in groups of 16 slots of 2-element dim pairs, V in groups of 16 dims
+    of 2-slot pairs; o: slot offset, j: dim). Checked: the probe decodes the writer the way a human
+    reads its source, and reads it through a strided view rather than a gather table; a vLLM whose amx
+    writer changes layout fails here (then run the amx kernel test on a CPU with AMX tiles). Not
+    checked: that vLLM's amx attention kernel reads this layout (test_cpu_isa.py's kernel test does,
+    with AMX tiles only); that the reader reads it back (test_amx_writer_round_trips_through_the_reader)."""
     bs, d = 64, 128
     layout = written_layout_or_skip("amx", bs, d, torch.bfloat16)
     o, j = torch.arange(bs).view(-1, 1), torch.arange(d).view(1, -1)
@@ -119,7 +201,8 @@ def layouts(bs, d):
     return {
         # both halves plain [bs, D]
         "plain": (o * d + j, bs * d + o * d + j),
-        # vLLM 0.32's AMX formula, for CPUs whose build has no AMX writer
+        # a 16-slot x 2-dim interleave shaped like vLLM's amx layout (as read by hand from its
+        # source): exercises the probe's multi-digit strided forms; says nothing about vLLM's writer
         "amx-formula": ((o // 16) * 16 * d + (j // 2) * 32 + (o % 16) * 2 + j % 2,
                         bs * d + (j // 16) * bs * 16 + (o // 2) * 32 + (j % 16) * 2 + o % 2),
         # an 8-slot x 4-dim tiling with V before K: another ISA's blocking
@@ -189,7 +272,7 @@ def test_broken_writers_fail_loudly(kind, message, dtype):
 
 
 def test_a_writer_that_refuses_the_configuration_is_a_layout_error():
-    """An ISA vLLM's build or this CPU lacks: a LayoutError naming the ISA, not a crash later."""
+    """An ISA the loaded vLLM library does not compile: a LayoutError naming the ISA, not a crash later."""
     with pytest.raises(LayoutError, match="'no-such-isa'"):
         kernel_layout("no-such-isa", 32, 64, torch.bfloat16)
 

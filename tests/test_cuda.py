@@ -58,7 +58,7 @@ def test_cuda_engine_evicts_on_a_gpu(model_dir, monkeypatch, block_size):
     assert [o.outputs[0].token_ids[:4] for o in ours.generate(batch, sp)] == [t[:4] for t in stock]
     pool = ours.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
     free0 = pool.get_num_free_blocks()
-    verify.SHADOW, verify.ENABLED = verify.Shadow(), True
+    verify.start(ours)
     try:
         for policy in ("madakv", "snapkv"):
             evict = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
@@ -231,7 +231,7 @@ def test_cuda_backend_logic_runs_on_cpu_with_reference_attention(engine, model_d
                     if t in a.outputs[0].logprobs[j]:
                         assert abs(a.outputs[0].logprobs[j][t].logprob - b.outputs[0].logprobs[j][t].logprob) < 0.1
 
-        verify.SHADOW, verify.ENABLED = verify.Shadow(), True
+        verify.start(llm)
         pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
         free0 = pool.get_num_free_blocks()
         for policy in ("madakv", "snapkv"):

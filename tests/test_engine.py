@@ -200,8 +200,7 @@ def test_compacted_attention_equals_dense_reference(engine):
     from madakv_vllm.integration import verify
 
     llm = engine("qwen2vl", FULL)
-    verify.SHADOW = verify.Shadow()
-    verify.ENABLED = True
+    verify.start(llm)  # empties the prefix cache: hits are checked against the shadow's own records
     try:
         reqs = {}
         for i, pol in enumerate(["madakv", "snapkv", "pyramidkv", "adakv", "h2o", "lookm", "streamingllm", "full"]):
@@ -242,8 +241,7 @@ def test_chunked_eviction_attention_equals_dense_reference_after_every_chunk(eng
 
     llm = engine("qwen2vl", FULL)
     free0 = free_blocks(llm)
-    verify.SHADOW = verify.Shadow()
-    verify.ENABLED = True
+    verify.start(llm)  # empties the prefix cache: hits are checked against the shadow's own records
     peaks, chunk_events = {}, []
     try:
         reqs = {}
