@@ -112,6 +112,7 @@ class PerHeadBatch:
     query_rows: list  # (row, RequestKV, start, end) whose queries are kept
     events: list  # eviction.Event
     req_ids: list | None  # None for dummy/profiling batches
+    runner: object = None  # the hooked V1 model runner (its requests' token ids: verify.py); None for dummy batches
 
 
 def build_batch(state: WorkerKV, cm, block_size: int, runner) -> PerHeadBatch:
@@ -182,6 +183,7 @@ def build_batch(state: WorkerKV, cm, block_size: int, runner) -> PerHeadBatch:
         query_rows=query_rows,
         events=events,
         req_ids=req_ids if real else None,
+        runner=runner if real else None,
     )
 
 

@@ -22,45 +22,24 @@ on ``max_err`` fails loudly. Tests start the check with ``start(llm)``, which
 empties the engine's prefix cache (pages computed while the check was off
 have no record).
 
-Token ids are the worker's own (``runner.requests[rid]``: prompt and output
-token ids, multimodal features), never the KV buffer's: the runner of each
-WorkerKV is noted by wrapping ``per_head.build_batch`` when a Shadow is built.
+Token ids are the worker's own (``batch.runner.requests[rid]``: prompt and output
+token ids, multimodal features), never the KV buffer's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import weakref
 
 import torch
 
 ENABLED = os.environ.get("MADAKV_VERIFY", "0") == "1"
 
-# WorkerKV -> the V1 model runner building its batches (token ids of its requests)
-_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # WorkerKV -> {(block key, page, layer): (K, V) [H, bs, D] fp32}: K/V of every full stock block the
 # shadow saw an uncompressed request write, kept as long as the engine (a page outlives a test).
 _RECORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 MAX_ERRORS = 50
-
-
-def _install() -> None:
-    """Note the runner of every batch (per_head.build_batch is called through the module)."""
-    per_head = sys.modules.get("madakv_vllm.integration.per_head")
-    if per_head is None or not hasattr(per_head, "build_batch"):  # still importing: next time
-        return
-    if getattr(per_head.build_batch, "_verify_notes_runner", False):
-        return
-    orig = per_head.build_batch
-
-    def build_batch(state, cm, block_size, runner):
-        _RUNNERS[state] = runner
-        return orig(state, cm, block_size, runner)
-
-    build_batch._verify_notes_runner = True
-    per_head.build_batch = build_batch
 
 
 def block_keys(req_state, n_blocks: int, bs: int, keys: list[bytes]) -> list[bytes]:
@@ -89,7 +68,6 @@ def block_keys(req_state, n_blocks: int, bs: int, keys: list[bytes]) -> list[byt
 
 class Shadow:
     def __init__(self):
-        _install()
         self.kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.keys: dict[str, list[bytes]] = {}  # request -> its block keys so far
         self.recorded: dict[tuple[str, int], int] = {}  # (request, layer) -> full blocks recorded
@@ -119,10 +97,9 @@ class Shadow:
         for rid in req_ids:
             self.keys.pop(rid, None)
 
-    def _block_keys(self, st, rid: str, n_blocks: int) -> list[bytes]:
-        runner = _RUNNERS.get(st)
-        req_state = runner.requests.get(rid) if runner is not None else None
-        return block_keys(req_state, n_blocks, st.bs, self.keys.setdefault(rid, []))
+    def _block_keys(self, batch, rid: str, n_blocks: int) -> list[bytes]:
+        req_state = batch.runner.requests.get(rid) if batch.runner is not None else None
+        return block_keys(req_state, n_blocks, batch.state.bs, self.keys.setdefault(rid, []))
 
     def prefix_kv(self, batch, i: int, rid: str, layer: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ([H, first, D] fp32) of the ``first`` tokens request row ``i`` got from a prefix-cache
@@ -137,7 +114,7 @@ class Shadow:
             return k, v
         n = first // bs
         pages = batch.block_table[i, :n].tolist()
-        keys = self._block_keys(st, rid, n)
+        keys = self._block_keys(batch, rid, n)
         records = _RECORDS.get(st, {})
         missing = []
         for j, page in enumerate(pages):
@@ -161,14 +138,15 @@ class Shadow:
         self.hit_tokens += first
         return k, v
 
-    def _record_blocks(self, st, rid: str, layer: int, length: int, k_sh, v_sh, block_row) -> None:
+    def _record_blocks(self, batch, rid: str, layer: int, length: int, k_sh, v_sh, block_row) -> None:
         """Record the full blocks of an uncompressed (stock layout) request not recorded yet."""
+        st = batch.state
         bs = st.bs
         done = self.recorded.get((rid, layer), 0)
         n_full = length // bs
         if n_full <= done:
             return
-        keys = self._block_keys(st, rid, n_full)
+        keys = self._block_keys(batch, rid, n_full)
         records = _RECORDS.setdefault(st, {})
         for j in range(done, min(n_full, len(keys))):
             blk = slice(j * bs, (j + 1) * bs)
@@ -178,7 +156,6 @@ class Shadow:
 
     def record_and_check(self, batch, layer: int, query, key, value, output, scale: float) -> None:
         """batch: per_head.PerHeadBatch; query/key/value/output: [T, heads, D] of this layer."""
-        _install()
         st = batch.state
         seq_lens = batch.seq_lens
         for i, rid in enumerate(batch.req_ids or []):
@@ -203,7 +180,7 @@ class Shadow:
             rs = st.requests.get(rid)
             compressed = rs is not None and rs.is_compressed and rs.lens is not None
             if not compressed and st.prefix_caching:  # this step's tokens went to the stock layout
-                self._record_blocks(st, rid, layer, length, k_sh, v_sh, batch.block_table[i])
+                self._record_blocks(batch, rid, layer, length, k_sh, v_sh, batch.block_table[i])
             Hq = query.shape[1]
             G = Hq // H
             qpos = torch.arange(first, length)  # logical positions of this step's queries
