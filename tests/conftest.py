@@ -72,4 +72,16 @@ def engine(model_dir):
     _ENGINES.clear()
 
 
+def preempt(llm, request) -> None:
+    """Preempt a running request between two steps of an in-process engine, as vLLM's scheduler
+    does when its pool runs out (``Scheduler.reset_prefix_cache(reset_running_requests=True)`` does
+    the same for every running request)."""
+    import time
+
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    sched.running.remove(request)
+    sched._preempt_request(request, time.monotonic())
+    sched.prev_step_scheduled_req_ids.discard(request.request_id)
+
+
 from madakv_eval.prompts import IMAGE_PROMPT, IMAGE_TOKEN, make_image, mm_prompt, words  # noqa: E402,F401

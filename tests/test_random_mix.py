@@ -14,6 +14,7 @@ CI runs ``CASES``; ``scripts/fuzz_engine.py --seeds FIRST LAST`` runs more.
 import os
 
 import pytest
+from conftest import preempt
 
 from madakv_eval.random_mix import draw_mix, same_up_to_a_tie
 
@@ -75,15 +76,9 @@ def run_mix(llm, mix) -> tuple[dict, int]:
 
 
 def preempt_one(llm, rng) -> None:
-    """Preempt a running request between two steps, as vLLM's scheduler does when its pool runs out."""
-    import time
-
     sched = core(llm).scheduler
     if sched.running:
-        req = rng.choice(list(sched.running))
-        sched.running.remove(req)
-        sched._preempt_request(req, time.monotonic())
-        sched.prev_step_scheduled_req_ids.discard(req.request_id)
+        preempt(llm, rng.choice(list(sched.running)))
 
 
 def alone(llm, r):

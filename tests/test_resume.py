@@ -8,10 +8,8 @@ window, even where another request's hashed pages cover its prompt and output, a
 where it was compressed, so it generates the tokens it generates when it is never preempted.
 """
 
-import time
-
 import pytest
-from conftest import mm_prompt, words
+from conftest import mm_prompt, preempt, words
 
 SMALL = {"num_gpu_blocks_override": 1024}
 RESUME = {"policy": "madakv", "budget": 0.2, "recompress_interval": 8}
@@ -81,9 +79,7 @@ def _preempt(llm, name: str, reset_cache: bool) -> int:
     if reset_cache:
         assert sched.reset_prefix_cache(reset_running_requests=True)
     else:
-        sched.running.remove(req)
-        sched._preempt_request(req, time.monotonic())
-        sched.prev_step_scheduled_req_ids.discard(req.request_id)
+        preempt(llm, req)
     return generated
 
 
