@@ -72,6 +72,23 @@ def engine(model_dir):
     _ENGINES.clear()
 
 
+def run_requests(llm, reqs: dict, on_step=None, max_steps: int = 10_000) -> dict:
+    """reqs: {name: (prompt, params)} added at once; steps an in-process engine to the end, calling
+    ``on_step(step)`` after every step; returns {name: RequestOutput} of the finished ones."""
+    for name, (prompt, params) in reqs.items():
+        llm.llm_engine.add_request(name, prompt, params)
+    outs, step = {}, 0
+    while llm.llm_engine.has_unfinished_requests():
+        for o in llm.llm_engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+        step += 1
+        if on_step:
+            on_step(step)
+        assert step < max_steps
+    return outs
+
+
 def preempt(llm, request) -> None:
     """Preempt a running request between two steps of an in-process engine, as vLLM's scheduler
     does when its pool runs out (``Scheduler.reset_prefix_cache(reset_running_requests=True)`` does

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, mm_prompt, words
+from conftest import IMAGE_TOKEN, mm_prompt, run_requests, words
 
 from madakv_vllm.accounting import cdiv
 from madakv_vllm.config import IMAGE, TEXT
@@ -132,20 +132,7 @@ def test_modality_provenance_from_placeholders(engine, kind):
 # --- eviction ------------------------------------------------------------------------------
 
 
-def _run(llm, reqs, on_step=None, max_steps=10_000):
-    """reqs: {name: (prompt, params)}; returns {name: RequestOutput}."""
-    for name, (prompt, params) in reqs.items():
-        llm.llm_engine.add_request(name, prompt, params)
-    outs, step = {}, 0
-    while llm.llm_engine.has_unfinished_requests():
-        for o in llm.llm_engine.step():
-            if o.finished:
-                outs[o.request_id] = o
-        step += 1
-        if on_step:
-            on_step(step)
-        assert step < max_steps
-    return outs
+_run = run_requests
 
 
 def test_pages_freed_close_to_budget(engine):

@@ -9,7 +9,7 @@ where it was compressed, so it generates the tokens it generates when it is neve
 """
 
 import pytest
-from conftest import mm_prompt, preempt, words
+from conftest import mm_prompt, preempt, run_requests, words
 
 SMALL = {"num_gpu_blocks_override": 1024}
 RESUME = {"policy": "madakv", "budget": 0.2, "recompress_interval": 8}
@@ -35,20 +35,7 @@ def token_prompt(llm, n: int, seed: int) -> dict:
     return {"prompt_token_ids": ids}
 
 
-def run(llm, reqs: dict, on_step=None) -> dict:
-    """reqs: {name: (prompt, params)}; steps the engine to the end; {name: RequestOutput}."""
-    for name, (prompt, params) in reqs.items():
-        llm.llm_engine.add_request(name, prompt, params)
-    outs, step = {}, 0
-    while llm.llm_engine.has_unfinished_requests():
-        for o in llm.llm_engine.step():
-            if o.finished:
-                outs[o.request_id] = o
-        step += 1
-        if on_step:
-            on_step(step)
-        assert step < 5_000
-    return outs
+run = run_requests
 
 
 def all_pages_back(llm) -> bool:
