@@ -1,4 +1,5 @@
-"""Prompt builders for the tiny models: interleaved text and images, a filler-word generator."""
+"""Prompt builders for the tiny models: interleaved text and media (images, videos, audio clips),
+a filler-word generator."""
 
 from __future__ import annotations
 
@@ -40,3 +41,26 @@ def mm_prompt(kind: str, parts: list) -> dict:
     if images:
         prompt["multi_modal_data"] = {"image": images}
     return prompt
+
+
+def make_video(seed: int, frames: int = 4, size: int = 64):
+    """uint8 [frames, size, size, 3]: ``make_image``'s pattern drifting one pixel per frame."""
+    import numpy as np
+
+    base = np.asarray(make_image(seed, size + frames))
+    return np.stack([base[t : t + size, t : t + size] for t in range(frames)])
+
+
+def make_audio(seed: int, seconds: float = 1.0, rate: int = 16000):
+    """(float32 samples in [-1, 1], sample rate): two tones and seeded noise."""
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(seed).standard_normal(t.size)
+    wave = 0.4 * np.sin(2 * np.pi * (220 + 20 * seed) * t) + 0.2 * np.sin(2 * np.pi * 660 * t) + 0.05 * noise
+    return wave.astype(np.float32), rate
+
+
+def make_media(modality: str, seed: int):
+    """One item of ``modality`` ("image", "video", "audio") as vLLM's ``multi_modal_data`` takes it."""
+    return {"image": make_image, "video": make_video, "audio": make_audio}[modality](seed)

@@ -340,6 +340,22 @@ def test_madakv_mpa_splits_by_modality_mass():
     assert kept[0][0].tolist() == [0, 1, 2, 3, 5, 6, 10, 11]
 
 
+def test_madakv_mpa_gives_text_image_video_and_audio_each_their_share():
+    """Four modalities, each its own group: 8 slots split by attention mass 8:4:2:2 -> 4, 2, 1, 1,
+    the best-scored tokens within each. Plain top-8 keeps no audio token (its scores are flat and
+    low); video and audio pooled as one group would keep two video tokens."""
+    mod = torch.tensor([TEXT] * 4 + [IMAGE] * 4 + [VIDEO] * 4 + [AUDIO] * 4 + [TEXT] * 2)
+    psi = torch.tensor([[4.0, 2, 1, 1, 2, 1, 0.5, 0.5, 1.5, 0.5, 0, 0, 0.5, 0.5, 0.5, 0.5, 9, 9]])
+    cfg = MadaKVConfig(policy="madakv", window=2, hcc=False, kernel_size=1)
+    kept, _ = select_from_scores(cfg, psi, mod, 10)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 4, 5, 8, 12, 16, 17]
+    kept, _ = select_from_scores(cfg.model_copy(update={"mpa": False}), psi, mod, 10)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 16, 17]
+    pooled = torch.where(mod == AUDIO, VIDEO, mod)
+    kept, _ = select_from_scores(cfg, psi, pooled, 10)
+    assert kept[0][0].tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 16, 17]
+
+
 def test_madakv_mpa_differs_from_topk():
     psi = torch.tensor([[9.0, 8, 7, 6, 0.5, 0.4, 0.3, 0.2, 0, 0]])
     mod = torch.tensor([TEXT] * 4 + [IMAGE] * 4 + [TEXT] * 2)

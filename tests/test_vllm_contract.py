@@ -339,8 +339,8 @@ def _tiny_config(kind: str):
         return transformers.WhisperConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                                           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
                                           vocab_size=1000, max_source_positions=64, max_target_positions=64)
-    if kind == "gemma2":  # sliding-window layers
-        return transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=64)
+    if kind == "mamba":  # state-space layers only
+        return transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=1000, state_size=8)
     if kind == "deepseek_v2":  # multi-head latent attention
         return transformers.DeepseekV2Config(**common, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
@@ -349,12 +349,13 @@ def _tiny_config(kind: str):
 
 
 @pytest.mark.parametrize("kind, reason", [
-    ("jamba", "non-attention"), ("whisper", "encoder-decoder"), ("gemma2", "sliding-window"),
-    ("deepseek_v2", "latent attention"),
+    ("mamba", "no attention layers"), ("whisper", "encoder-decoder"), ("deepseek_v2", "latent attention"),
 ])
 def test_models_per_head_eviction_cannot_serve_are_refused_at_startup(kind, reason, tmp_path):
     """Only the config is needed: the refusal comes while vLLM builds its config, before any
-    weights load. Stock vLLM accepts the same configs."""
+    weights load. Stock vLLM accepts the same configs. (A hybrid's full-attention layers evict:
+    tests/test_model_matrix.py; a model with no full-attention layer is refused once its layers
+    are built, also there.)"""
     from vllm.engine.arg_utils import EngineArgs
 
     _tiny_config(kind).save_pretrained(tmp_path)
@@ -362,3 +363,14 @@ def test_models_per_head_eviction_cannot_serve_are_refused_at_startup(kind, reas
     EngineArgs(**args).create_engine_config()
     with pytest.raises(Exception, match=f"madakv cannot serve .*{reason}"):
         EngineArgs(**args, attention_backend="madakv").create_engine_config()
+
+
+def test_a_hybrid_models_config_is_accepted(tmp_path):
+    """Attention beside state-space layers (Jamba): its full-attention layers evict, the others run
+    as stock, so startup goes on past the config (the model matrix runs hybrids end to end)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    _tiny_config("jamba").save_pretrained(tmp_path)
+    config = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=64,
+                        attention_backend="madakv").create_engine_config()
+    assert config.model_config.is_hybrid

@@ -192,31 +192,42 @@ def test_minor_version(version, minor):
 
 def test_get_computed_blocks_wrapper_passes_max_cache_hit_length_through():
     """vLLM 0.33's scheduler calls ``get_computed_blocks(request, max_cache_hit_length)``,
-    positionally: the wrapper passes it on and still trims the hit of a compressed request."""
+    positionally: the wrapper passes it on and still caps the hit of a compressed request (a new
+    lookup with the cap; the shared-prefix boundary as vLLM computes it)."""
+    from types import SimpleNamespace
+
     from madakv_vllm.integration import patches
 
-    seen = []
+    seen, looked_up = [], []
 
     def original(self, request, max_cache_hit_length=None):
         seen.append(max_cache_hit_length)
-        return ["p0", "p1", "p2"], 96
+        return ["p0", "p1", "p2"], 96, 0
 
     class Manager:
         def max_cache_hit(self, request):
             return 64
 
+    class Coordinator:
+        def find_longest_cache_hit(self, block_hashes, max_cache_hit_length):
+            looked_up.append(max_cache_hit_length)
+            return (["p0", "p1"],), 64, 32
+
     class KVCacheManager:
         def __init__(self):
             self._madakv_managers = [Manager()]
+            self.coordinator = Coordinator()
 
-        def truncate_computed_blocks(self, blocks, num_computed_tokens):
-            return blocks[: num_computed_tokens // 32]
+        def create_kv_cache_blocks(self, blocks):
+            return list(blocks[0])
 
+    request = SimpleNamespace(block_hashes=["h0", "h1", "h2", "h3"])
     wrapper = patches._get_computed_blocks(original)
-    assert wrapper(KVCacheManager(), "request", 80) == (["p0", "p1"], 64)
-    assert wrapper(KVCacheManager(), "request", max_cache_hit_length=90) == (["p0", "p1"], 64)
-    assert wrapper(KVCacheManager(), "request") == (["p0", "p1"], 64)
+    assert wrapper(KVCacheManager(), request, 80) == (["p0", "p1"], 64, 96)
+    assert wrapper(KVCacheManager(), request, max_cache_hit_length=90) == (["p0", "p1"], 64, 96)
+    assert wrapper(KVCacheManager(), request) == (["p0", "p1"], 64, 96)
     assert seen == [80, 90, None]
+    assert looked_up == [64, 64, 64]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])

@@ -84,8 +84,9 @@ def readable_isa(isa: str, dtype: torch.dtype, block_size: int, head_size: int, 
 
 class MadaKVCPUBackend(CPUAttentionBackend):
     """CPU_ATTN's capabilities (dtypes, head sizes, 32-token kernel blocks) minus what per-head
-    eviction cannot serve: sliding windows, non-causal decoder attention and sinks (vLLM's
-    validate_configuration refuses them at startup, rules.validate_backend)."""
+    eviction cannot serve: non-causal decoder attention and sinks (vLLM's validate_configuration
+    refuses them at startup, rules.validate_backend). Sliding-window layers never reach it: a
+    hybrid model's bounded layers run on stock's backend (rules.evicts)."""
 
     # We write K/V ourselves: slots are per (token, KV head) in the per-head view.
     forward_includes_kv_cache_update: bool = True
@@ -97,6 +98,13 @@ class MadaKVCPUBackend(CPUAttentionBackend):
     @classmethod
     def supports_non_causal(cls) -> bool:
         return False
+
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        """Models whose image tokens attend bidirectionally (Gemma 3) are served causally, as vLLM
+        0.32's CPU platform serves them with CPU_ATTN (which never reads the bidirectional ranges
+        and is picked without this check): policy ``full`` gives stock's tokens."""
+        return True
 
     @staticmethod
     def get_name() -> str:
@@ -113,6 +121,13 @@ class MadaKVCPUBackend(CPUAttentionBackend):
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         return per_head.customize_spec(spec)
+
+    @staticmethod
+    def stock_backend_path() -> str:
+        """What a hybrid model's chunked local attention layers wrap instead of us (patches.py)."""
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        return AttentionBackendEnum.CPU_ATTN.get_path()
 
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:

@@ -92,6 +92,13 @@ class MadaKVCUDABackend(AttentionBackend):
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         return per_head.customize_spec(spec)
 
+    @staticmethod
+    def stock_backend_path() -> str:
+        """What a hybrid model's chunked local attention layers wrap instead of us (patches.py)."""
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        return AttentionBackendEnum.FLASH_ATTN.get_path()
+
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
         return preferred_block_size(cls, super().get_preferred_block_size(default_block_size))

@@ -110,7 +110,8 @@ class Event:
 class WorkerKV:
     """The worker's MadaKV requests of one KV cache group: their registry (request id ->
     RequestKV), the policy's selection after each layer, and the compactor that packs retained
-    KV into the pages that stay."""
+    KV into the pages that stay. A hybrid model's group holds its full-attention layers only, so
+    budgets and HCC's schedule run over those layers, in model order."""
 
     def __init__(self, server_config: MadaKVConfig, layer_names: list[str], num_kv_heads: int, num_heads: int,
                  head_size: int, block_size: int, prefix_caching: bool = False):
@@ -123,6 +124,7 @@ class WorkerKV:
         self.G = num_heads // num_kv_heads
         self.requests: dict[str, RequestKV] = {}
         self.cache: FlatKVCache | None = None
+        self.group_id = 0  # the group's index among the model's KV cache groups (set at startup)
 
     # --- request lifecycle ----------------------------------------------------
 

@@ -24,7 +24,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from madakv_vllm.accounting import RequestPlan, peak_pages
 from madakv_vllm.config import MadaKVConfig
 from madakv_vllm.integration import metrics
-from madakv_vllm.integration.rules import request_config
+from madakv_vllm.integration.rules import has_bounded_layers, request_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,14 +38,15 @@ class MadaKVAttentionSpec(FullAttentionSpec):
     def max_memory_usage_bytes(self, vllm_config) -> int:
         """What vLLM's startup check reserves for one request of max_model_len: with eviction during
         chunked prefill, its peak (budget + one chunk, accounting.peak_pages), so max_model_len
-        may exceed the pool; with prefix caching, stock's whole sequence plus the fresh pages its
-        compression takes; otherwise stock's whole sequence."""
+        may exceed the pool (not in a hybrid model, whose other groups share the pool:
+        rules.has_bounded_layers); with prefix caching, stock's whole sequence plus the fresh pages
+        its compression takes; otherwise stock's whole sequence."""
         cfg = MadaKVConfig.model_validate_json(self.madakv_config)
         stock = super().max_memory_usage_bytes(vllm_config)
         if vllm_config.parallel_config.decode_context_parallel_size > 1:
             return stock
         max_len = vllm_config.model_config.max_model_len
-        if cfg.chunked:
+        if cfg.chunked and not has_bounded_layers(vllm_config.model_config):
             return min(stock, peak_pages(cfg, max_len, 0, self.block_size, self.max_chunk_tokens) * self.page_size_bytes)
         plan = RequestPlan(cfg=cfg, num_prompt_tokens=max_len,
                            prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching))
@@ -89,6 +90,20 @@ class MadaKVManager(FullAttentionManager):
         """Most tokens of ``request`` a prefix-cache hit may cover, in whole pages (None: stock's)."""
         most = self.note_request(request).max_cache_hit(request.num_tokens, self.block_size)
         return None if most is None else most // self.block_size * self.block_size
+
+    def replay_boundaries(self, request) -> list[int]:
+        """Where a compressed request replaying this prompt hits the cache: its hit stops a window
+        short of the prompt (``max_cache_hit``), for the request itself (resumed after preemption,
+        or sent again) and for one with the server's config. vLLM retains a hybrid model's
+        sliding-window and state pages only at the boundaries it is told (stock's: the prompt's
+        last token): these are added (patches.py), or such a hit would find nothing."""
+        out = set()
+        for cfg in (self.note_request(request).cfg, self.server_config):
+            plan = RequestPlan(cfg=cfg, num_prompt_tokens=request.num_prompt_tokens, prefix_caching=self.enable_caching)
+            most = plan.max_cache_hit(request.num_prompt_tokens, self.block_size)
+            if most:
+                out.add(most // self.block_size * self.block_size)
+        return sorted(out)
 
     def chunk_tokens(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
         """vLLM's chunk for ``request``, cut at its next compression (a resumed request replaying

@@ -9,7 +9,8 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 
 | wrapped | why |
 |---|---|
-| ``CpuPlatform`` / ``CudaPlatformBase.get_attn_backend_cls`` | the platforms ignore a selected plugin backend: route MADAKV to ours, after vLLM's own ``validate_configuration`` |
+| ``CpuPlatform`` / ``CudaPlatformBase.get_attn_backend_cls`` | the platforms ignore a selected plugin backend: route MADAKV's full-attention decoder layers to ours, after vLLM's own ``validate_configuration``; a hybrid model's sliding-window layers get stock's choice |
+| ``create_chunked_local_attention_backend`` | chunked local attention layers (Llama 4) wrap the selected backend: they wrap stock's instead of ours |
 | ``CpuPlatform`` / ``CudaPlatformBase.check_and_update_config`` | validate our config at startup; page size, async scheduling, CUDA graphs (prefix caching stays as configured) |
 | ``VllmConfig._get_v2_model_runner_unsupported_features`` | madakv needs the V1 model runner: vLLM then chooses it |
 | ``InputProcessor._validate_params`` | HTTP 400 for a bad ``madakv_*`` request argument |
@@ -20,7 +21,8 @@ tests/test_vllm_contract.py checks that it equals the "wrapped" entries of
 | ``MediaConnector._load_data_url`` | RFC 2397 data URLs without ``;base64`` are decoded (vLLM 0.32 answers them with HTTP 501) |
 | ``MediaConnector._load_file_url`` | a file URL the server may not or cannot read is a 400 (vLLM 0.32: 500 without ``--allowed-local-media-path``) |
 | ``KVCacheManager.allocate_slots`` | our single-type manager only sees request ids: it learns each request's config here |
-| ``KVCacheManager.get_computed_blocks`` | a prefix-cache hit of a request that is compressed at its prompt's end leaves its observation window to recompute; chunked-prefill eviction reads no hit (``accounting.RequestPlan.max_cache_hit``) |
+| ``KVCacheManager.get_computed_blocks`` | a prefix-cache hit of a request that is compressed at its prompt's end leaves its observation window to recompute (looked up again with that cap, for every KV cache group); chunked-prefill eviction reads no hit (``accounting.RequestPlan.max_cache_hit``) |
+| ``KVCacheCoordinator.cache_blocks`` / ``replay_boundaries`` | a hybrid model's sliding-window and state groups also retain their pages where a compressed request's capped hit lands (``MadaKVManager.replay_boundaries``) |
 | ``Scheduler._reserve_prefill_lookahead`` | a request resumed after preemption replays its output in chunks that stop where it was compressed (``accounting.RequestPlan.chunk_limit``) |
 | ``GPUModelRunner._update_states`` | the workers drop finished, preempted and resumed requests |
 | ``GPUModelRunner._bookkeeping_sync`` | a seeded request whose prompt takes several steps no longer kills the CPU engine (vLLM 0.32 rewinds its sampler with ``Generator.set_offset``, which CPU generators lack) |
@@ -34,6 +36,7 @@ engine modules). Only ``plugin.register()`` imports this module.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 
@@ -56,6 +59,8 @@ def install() -> None:
         pass
     else:
         _patch_platform("vllm.platforms.cuda", "CudaPlatformBase", rules.cuda_backend_path)
+    _wrap("vllm.model_executor.layers.attention.chunked_local_attention", "create_chunked_local_attention_backend",
+          _chunked_local_backend)
     _wrap("vllm.config", "VllmConfig._get_v2_model_runner_unsupported_features", _v2_runner_unsupported)
     _wrap("vllm.v1.engine.input_processor", "InputProcessor._validate_params", _validate_params)
     _wrap("vllm.renderers.base", "BaseRenderer._process_tokens", _process_tokens)
@@ -67,6 +72,8 @@ def install() -> None:
     _wrap("vllm.multimodal.media.connector", "MediaConnector._load_file_url", _load_file_url)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", _allocate_slots)
     _wrap("vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", _get_computed_blocks)
+    _wrap("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator.cache_blocks", _coordinator_cache_blocks)
+    _wrap("vllm.v1.core.kv_cache_coordinator", "replay_boundaries", _replay_boundaries)
     _wrap("vllm.v1.core.sched.scheduler", "Scheduler._reserve_prefill_lookahead", _reserve_prefill_lookahead)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states", _update_states)
     _wrap("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache", _initialize_kv_cache)
@@ -96,6 +103,9 @@ def _patch_platform(module: str, cls_name: str, backend_path) -> None:
     """backend_path(): our backend's class path on this platform, or None if unavailable there."""
     def get_attn_backend_cls(orig):
         def wrapper(cls, selected_backend, attn_selector_config, *args, **kwargs):
+            if rules.is_madakv(selected_backend) and not rules.evicts(attn_selector_config):
+                # a hybrid model's bounded layers (sliding window) run as stock, on stock's choice
+                return orig(cls, None, attn_selector_config, *args, **kwargs)
             if rules.is_madakv(selected_backend):
                 path = backend_path()
                 if path is None:
@@ -123,6 +133,21 @@ def _patch_platform(module: str, cls_name: str, backend_path) -> None:
 
     _wrap(module, f"{cls_name}.get_attn_backend_cls", get_attn_backend_cls, as_classmethod=True)
     _wrap(module, f"{cls_name}.check_and_update_config", check_and_update_config, as_classmethod=True)
+
+
+def _chunked_local_backend(orig):
+    """A chunked local attention layer (Llama 4) asks for the selected backend and wraps it with
+    vLLM's chunking builder; with MADAKV selected it wraps stock's backend instead: its KV is bounded
+    by the chunk already, and its group has vLLM's own manager (never ours)."""
+    def wrapper(underlying_attn_backend, attention_chunk_size, *args, **kwargs):
+        stock = getattr(underlying_attn_backend, "stock_backend_path", None)
+        if stock is not None:
+            from vllm.utils.import_utils import resolve_obj_by_qualname
+
+            underlying_attn_backend = resolve_obj_by_qualname(stock())
+        return orig(underlying_attn_backend, attention_chunk_size, *args, **kwargs)
+
+    return wrapper
 
 
 def _v2_runner_unsupported(orig):
@@ -284,17 +309,52 @@ def _allocate_slots(orig):
 
 def _get_computed_blocks(orig):
     """vLLM caps a hit at N - 1 tokens; a request compressed at its prompt's end must recompute its
-    last ``window`` tokens, whose queries choose what it keeps, so the hit is trimmed to whole
-    pages below that (vLLM's own ``truncate_computed_blocks``). The scheduler records the trimmed
-    hit in vLLM's prefix-cache counters."""
+    last ``window`` tokens, whose queries choose what it keeps. A longer hit is looked up again with
+    that cap, as vLLM's own lookup takes it (``find_longest_cache_hit``'s ``max_cache_hit_length``):
+    every KV cache group of a hybrid model then agrees on the shorter hit (a sliding window group
+    keeps the pages that end before it; a hit cut after the lookup would not have them). The
+    scheduler records the capped hit in vLLM's prefix-cache counters."""
     def wrapper(self, request, *args, **kwargs):
         blocks, num_hit, *rest = orig(self, request, *args, **kwargs)
         if num_hit:
             limits = [m.max_cache_hit(request) for m in _madakv_managers(self)]
             most = min((x for x in limits if x is not None), default=None)
             if most is not None and most < num_hit:
-                blocks, num_hit = self.truncate_computed_blocks(blocks, most), most
+                hit_blocks, num_hit, num_uncached = self.coordinator.find_longest_cache_hit(request.block_hashes, most)
+                blocks = self.create_kv_cache_blocks(hit_blocks)
+                if rest:  # vLLM's shared-prefix boundary, as get_computed_blocks computes it
+                    rest[0] = num_hit + num_uncached if num_uncached else 0
         return (blocks, num_hit, *rest)
+
+    return wrapper
+
+
+_EXTRA_REPLAY_BOUNDARIES = contextvars.ContextVar("madakv_extra_replay_boundaries", default=())
+
+
+def _coordinator_cache_blocks(orig):
+    """Caching a request's blocks: where a compressed request replaying its prompt will hit
+    (``MadaKVManager.replay_boundaries``) joins vLLM's replay boundaries for this call."""
+    def wrapper(self, request, *args, **kwargs):
+        from madakv_vllm.integration.kv_manager import MadaKVManager
+
+        ours = [m for m in self.single_type_managers if isinstance(m, MadaKVManager)]
+        if not ours:
+            return orig(self, request, *args, **kwargs)
+        token = _EXTRA_REPLAY_BOUNDARIES.set(tuple(b for m in ours for b in m.replay_boundaries(request)))
+        try:
+            return orig(self, request, *args, **kwargs)
+        finally:
+            _EXTRA_REPLAY_BOUNDARIES.reset(token)
+
+    return wrapper
+
+
+def _replay_boundaries(orig):
+    def wrapper(*args, **kwargs):
+        stock = orig(*args, **kwargs)
+        extra = _EXTRA_REPLAY_BOUNDARIES.get()
+        return tuple(sorted({*stock, *extra})) if extra else stock
 
     return wrapper
 

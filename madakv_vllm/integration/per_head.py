@@ -17,7 +17,7 @@ import torch
 from madakv_vllm.integration import verify
 from madakv_vllm.integration.eviction import WorkerKV
 from madakv_vllm.integration.kv_manager import MadaKVAttentionSpec
-from madakv_vllm.integration.rules import server_config
+from madakv_vllm.integration.rules import no_full_attention_layer, selected_in, server_config
 
 # --- worker hook: which request is in which batch row ---------------------------
 #
@@ -90,8 +90,21 @@ def initializing_kv_cache(runner):
         yield
     finally:
         _BUILDING_RUNNER = None
+    if not built and selected_in(runner.vllm_config):
+        raise no_full_attention_layer(runner.model_config)  # every layer went to stock's backends
     for builder in built:
+        builder.state.group_id = kv_cache_group_of(runner, builder.state.layer_names)
         builder.bind_kv_cache()
+
+
+def kv_cache_group_of(runner, layer_names: list[str]) -> int:
+    """Index of the KV cache group holding ``layer_names`` in the runner's KV cache config: a
+    request's block ids on the workers are per group (``CachedRequestState.block_ids[group]``)."""
+    groups = runner.kv_cache_config.kv_cache_groups
+    found = [i for i, g in enumerate(groups) if set(layer_names) <= set(g.layer_names)]
+    if len(found) != 1:
+        raise RuntimeError(f"madakv: layers {layer_names} are not one KV cache group of {groups}")
+    return found[0]
 
 
 # --- one step's batch, per (request, KV head) --------------------------------------
@@ -143,7 +156,7 @@ def build_batch(state: WorkerKV, cm, block_size: int, runner) -> PerHeadBatch:
         for i, rid in enumerate(req_ids):
             req_state = runner.requests[rid]
             rs = state.request(rid, req_state)
-            block_ids = req_state.block_ids[0]
+            block_ids = req_state.block_ids[state.group_id]
             ev = None
             if rs.is_compressed:
                 compressed_rows.append((i, rs, block_ids))

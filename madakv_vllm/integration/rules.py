@@ -74,22 +74,51 @@ DEFAULT_BLOCK_SIZE = 32
 
 
 def check_model(model_config) -> None:
-    """Per-head eviction is defined for decoder-only models whose every layer is full causal
-    attention over its own KV cache: refuse the others at startup, naming why."""
+    """Per-head eviction is defined for a decoder's full causal attention over its own KV cache.
+    A hybrid model's other layers (sliding-window, chunked local, linear attention / state-space)
+    run as stock beside it (``evicts``); models with nothing to evict per head are refused at
+    startup, naming why (one with no full-attention layer at all is refused once its layers are
+    known: ``no_full_attention_layer``)."""
     if model_config is None:
         return
     arch = model_config.architecture
     why = None
     if model_config.is_encoder_decoder:
         why = "it is an encoder-decoder model (its cross-attention KV would not be evicted per head)"
-    elif model_config.is_attention_free or model_config.is_hybrid:
-        why = "it has non-attention (state-space or linear-attention) layers, whose state cannot be evicted per token"
+    elif model_config.is_attention_free:
+        why = "it has no attention layers (its state-space state cannot be evicted per token)"
     elif model_config.use_mla:
         why = "it uses multi-head latent attention (one latent KV shared by every head)"
-    elif model_config.get_sliding_window() is not None:
-        why = "it has sliding-window attention layers (their KV is already bounded, and dropped by position)"
     if why:
         raise ValueError(f"--attention-backend madakv cannot serve {arch}: {why}. Serve it without madakv.")
+
+
+def evicts(attn_selector_config) -> bool:
+    """Whether MADAKV serves this attention layer: full causal decoder attention. A hybrid model's
+    sliding-window layers keep stock's backend and vLLM's own KV manager (their KV is bounded and
+    dropped by position already); so do its chunked local attention layers (patches.py) and its
+    linear-attention layers (which never ask for an attention backend)."""
+    from vllm.v1.attention.backend import AttentionType
+
+    return attn_selector_config.attn_type == AttentionType.DECODER and not attn_selector_config.has_sliding_window
+
+
+def has_bounded_layers(model_config) -> bool:
+    """Whether the model has layers of bounded KV or state beside full attention (a hybrid:
+    sliding-window, chunked local or linear attention). Such a model's other KV cache groups
+    share the pool, so a request's peak is not ours alone: the admission that lets max_model_len
+    exceed the pool (chunked-prefill eviction) is stock's there (kv_manager.py)."""
+    if model_config is None:
+        return False
+    return bool(model_config.is_hybrid or model_config.get_sliding_window() is not None
+                or getattr(model_config.hf_text_config, "attention_chunk_size", None))
+
+
+def no_full_attention_layer(model_config) -> ValueError:
+    arch = model_config.architecture if model_config is not None else "this model"
+    return ValueError(f"--attention-backend madakv cannot serve {arch}: it has no full-attention layer "
+                      "(every attention layer is bounded already: sliding-window or chunked local attention, "
+                      "or linear attention). Serve it without madakv.")
 
 
 _selected_in_this_process = False
