@@ -105,6 +105,10 @@ class Family:
         return self.prompt(parts + [words(300, 5)])
 
     def close(self) -> None:
+        """Shut the engines down now: an engine collected later (a failed test's traceback holds it)
+        would tear down vLLM's process-wide distributed state under the next family's engines."""
+        for llm in self._engines.values():
+            llm.llm_engine.engine_core.shutdown()
         self._engines.clear()
         gc.collect()
 
@@ -177,7 +181,7 @@ def test_madakv_frees_full_attention_pages_and_leaves_the_other_groups_as_stock(
     ours = [isinstance(m, MadaKVManager) for m in managers(fam.ours)]
     # with prefix caching the step that compresses the prompt takes fresh pages (accounting.py)
     fresh = max(RequestPlan(cfg=m.server_config, num_prompt_tokens=n, prefix_caching=m.enable_caching)
-                .extra_pages(n, BLOCK) for m in managers(fam.ours) if isinstance(m, MadaKVManager))
+                .extra_pages(n, m.block_size) for m in managers(fam.ours) if isinstance(m, MadaKVManager))
     assert len(trace["stock"]) == len(trace["madakv"])
     for s, o in zip(trace["stock"], trace["madakv"]):
         for g, evicts in enumerate(ours):
@@ -186,9 +190,9 @@ def test_madakv_frees_full_attention_pages_and_leaves_the_other_groups_as_stock(
             else:
                 assert o[g] == s[g], "a group madakv does not evict held other pages than stock's"
     last = trace["madakv"][-1]
-    for g, evicts in enumerate(ours):
-        if evicts:  # 0.2 of the prompt's pages, plus at most two partly used pages and a fresh page per head
-            assert last[g] < 0.5 * cdiv(n, BLOCK), (last, trace["stock"][-1])
+    for g, m in enumerate(managers(fam.ours)):
+        if ours[g]:  # 0.2 of the prompt's pages, plus at most two partly used pages
+            assert last[g] <= cdiv(n, m.block_size) // 5 + 2 < trace["stock"][-1][g], (last, trace["stock"][-1])
 
 
 def _internal_id(llm, prefix: str):
@@ -226,48 +230,79 @@ def test_modality_array_matches_the_processors_placeholders(fam):
     assert seen == {TEXT} | {MODALITY_IDS[m] for m in fam.family.modalities}
 
 
-def test_every_page_returns(fam):
-    from madakv_vllm.integration.kv_manager import MadaKVManager
+def _pair_past_the_cap(fam, llm, block: int):
+    """Two prompts that differ in their last words only, whose shared pages reach past the second's
+    hit cap (its prompt's end minus the 32-token window, in whole pages): filler words move the
+    shared part's end to just past a page boundary."""
+    media = [(m, 20 + i) for i, m in enumerate(fam.family.modalities)]
 
-    fam.ours.generate([fam.long_prompt(), *fam.short_prompts()], greedy(4), use_tqdm=False)
-    assert free_blocks(fam.ours) == fam.free_at_start["madakv"]
-    for m in managers(fam.ours):
-        assert not any(m.req_to_blocks.values())
-        if isinstance(m, MadaKVManager):
-            assert m.requests == {}
+    def pair(k):
+        shared = [words(60, 8), *media, words(450 + k, 9)]
+        return fam.prompt(shared + [words(4, 1)]), fam.prompt(shared + [words(4, 2)])
+
+    def lengths(k):
+        a, b = (llm.generate([p], greedy(1, FULL), use_tqdm=False)[0].prompt_token_ids for p in pair(k))
+        return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b)
+
+    common0, _ = lengths(0)
+    per_word = (lengths(20)[0] - common0) / 20  # tokens per filler word
+    k = round((block - common0 % block) % block / per_word)
+    for _ in range(12):
+        common, n = lengths(k)
+        if min(common, n - 1) // block > (n - 32) // block:
+            llm.reset_prefix_cache()
+            return (*pair(k), min(common, n - 1) // block * block)
+        k += 1 if common % block > block // 2 else -1  # short of the boundary, or too far past it
+    pytest.fail("no filler length puts the shared pages past the cap")
 
 
 def test_a_capped_prefix_hit_is_exact(fam):
     """A compressed request's prefix-cache hit stops a window short of its prompt's end (it is
     looked up again with that cap, so a hybrid's other groups hold the pages the shorter hit
-    needs); its tokens equal the same request's without any hit."""
+    needs, and they retained them there); its tokens equal the same request's without any hit."""
     llm = fam.ours
-    media = [(m, 20 + i) for i, m in enumerate(fam.family.modalities)]
-    shared = [words(60, 8), *media, words(450, 9)]
-    first, second = fam.prompt(shared + [words(4, 1)]), fam.prompt(shared + [words(4, 2)])
-    llm.reset_prefix_cache()
-    a = llm.generate([first], greedy(2, FULL), use_tqdm=False)[0]
-    b = llm.generate([second], greedy(12), use_tqdm=False)[0]
+    block = managers(llm)[0].block_size
+    first, second, stock_hit = _pair_past_the_cap(fam, llm, block)
+    llm.generate([first], greedy(2, FULL), use_tqdm=False)
+    b = llm.generate([second], greedy(12, logprobs=2), use_tqdm=False)[0]
     n = len(b.prompt_token_ids)
-    common = next(i for i, (x, y) in enumerate(zip(a.prompt_token_ids, b.prompt_token_ids)) if x != y)
-    stock_hit = min(common, n - 1) // BLOCK * BLOCK
-    assert 0 < b.num_cached_tokens <= n - 32 < stock_hit
+    if "linear" in fam.family.attention:
+        # vLLM 0.32 keeps a linear-attention state only where a prefill chunk ended (the prompt's
+        # last full page), past the cap: a compressed request finds none and recomputes
+        assert b.num_cached_tokens == 0 and n - 32 < stock_hit
+    else:
+        assert 0 < b.num_cached_tokens <= n - 32 < stock_hit
     llm.reset_prefix_cache()
-    alone = llm.generate([second], greedy(12), use_tqdm=False)[0]
+    alone = llm.generate([second], greedy(12, logprobs=2), use_tqdm=False)[0]
     assert alone.num_cached_tokens == 0
-    assert alone.outputs[0].token_ids == b.outputs[0].token_ids
+    assert_same_tokens(b.outputs[0], alone.outputs[0], fam.family.dtype)
+
+
+def assert_same_tokens(got, expected, dtype: str) -> None:
+    """Greedy tokens equal, but for a first difference where ``expected``'s two best tokens tie
+    within the dtype's rounding (bf16 recomputes a prompt in other chunks to other last bits:
+    stock vLLM's own preempted bf16 requests differ there), ``got`` taking the other one."""
+    tie = 1e-3 if dtype == "float32" else 3e-2
+    for i, (x, y) in enumerate(zip(got.token_ids, expected.token_ids)):
+        if x != y:
+            best = sorted(expected.logprobs[i].items(), key=lambda kv: -kv[1].logprob)[:2]
+            assert len(best) == 2 and x in dict(best) and best[0][1].logprob - best[1][1].logprob < tie, \
+                (i, x, y, best)
+            return
+    assert len(got.token_ids) == len(expected.token_ids)
 
 
 def test_a_preempted_compressed_request_resumes_with_its_tokens(fam):
     """Preempted after 16 of 30 greedy tokens (re-compressed every 8), as vLLM's scheduler preempts,
     a compressed request resumes (its lookup may hit its own prompt's pages, a window short of its
-    end: every group retained them there) and generates the tokens it generates uninterrupted."""
+    end: every group retained them there) and generates the tokens it generates uninterrupted
+    (in bf16, up to a tie: ``assert_same_tokens``)."""
     from conftest import preempt
 
     llm = fam.ours
-    prompt, params = fam.long_prompt(), greedy(30, {"madakv_recompress_interval": 8})
+    prompt, params = fam.long_prompt(), greedy(30, {"madakv_recompress_interval": 8}, logprobs=2)
     llm.reset_prefix_cache()
-    alone = run_requests(llm, {"alone": (prompt, params)})["alone"].outputs[0].token_ids
+    alone = run_requests(llm, {"alone": (prompt, params)})["alone"].outputs[0]
     preempted, hits = [], []
     kvm = core(llm).scheduler.kv_cache_manager
     lookup = kvm.get_computed_blocks
@@ -289,8 +324,19 @@ def test_a_preempted_compressed_request_resumes_with_its_tokens(fam):
     finally:
         del kvm.get_computed_blocks
     assert preempted and preempted[0] < 30
-    assert out.outputs[0].token_ids == alone
+    assert_same_tokens(out.outputs[0], alone, fam.family.dtype)
     n = len(out.prompt_token_ids)
     resumed = [hit for after_prompt, hit in hits if after_prompt]
     assert resumed and all(hit <= n - 32 for hit in resumed)
     assert free_blocks(llm) == fam.free_at_start["madakv"]
+
+
+def test_every_page_returns(fam):
+    from madakv_vllm.integration.kv_manager import MadaKVManager
+
+    fam.ours.generate([fam.long_prompt(), *fam.short_prompts()], greedy(4), use_tqdm=False)
+    assert free_blocks(fam.ours) == fam.free_at_start["madakv"]
+    for m in managers(fam.ours):
+        assert not any(m.req_to_blocks.values())
+        if isinstance(m, MadaKVManager):
+            assert m.requests == {}

@@ -186,8 +186,15 @@ def _siglip_keys_for_vllm(sd: dict) -> dict:
     }
 
 
-def build(out_dir: Path, *, seed: int = 0) -> Path:
-    """Build the tiny Gemma 3 into ``out_dir`` (replaced if it exists); returns its path."""
+def build(out_dir: Path, *, seed: int = 0, layer_types: tuple[str, ...] | None = None,
+          sliding_window: int | None = None, max_position_embeddings: int | None = None) -> Path:
+    """Build the tiny Gemma 3 into ``out_dir`` (replaced if it exists); returns its path.
+
+    The keyword arguments change the text decoder's geometry (the defaults: ``LAYER_TYPES``,
+    ``SLIDING_WINDOW``, 32768 positions), e.g. Gemma 3's own 5:1 pattern of sliding-window and
+    global layers at a window that matters next to a few thousand tokens (scripts/bench_capacity.py);
+    ``layer_types`` holds ``"sliding_attention"`` / ``"full_attention"`` per layer.
+    """
     import torch
     import transformers as tf
     from safetensors.torch import save_file
@@ -202,6 +209,14 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         config = _config(len(tokenizer), ids)
         config.dtype = FAMILY.dtype
+        text = config.text_config
+        if layer_types is not None:
+            text.layer_types = list(layer_types)
+            text.num_hidden_layers = len(layer_types)
+        if sliding_window is not None:
+            text.sliding_window = sliding_window
+        if max_position_embeddings is not None:
+            text.max_position_embeddings = max_position_embeddings
         sd = _random_state_dict(tf.Gemma3ForConditionalGeneration, config, FAMILY.dtype, seed)
         sd.pop("lm_head.weight", None)  # tied to the input embeddings
         sd = _siglip_keys_for_vllm(sd)
