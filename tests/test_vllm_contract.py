@@ -374,3 +374,22 @@ def test_a_hybrid_models_config_is_accepted(tmp_path):
     config = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=64,
                         attention_backend="madakv").create_engine_config()
     assert config.model_config.is_hybrid
+
+
+def test_a_model_with_no_full_attention_layer_is_refused_once_its_layers_are_built(model_dir, tmp_path):
+    """Every attention layer a sliding window (a Llama whose ``layer_types`` are all sliding): no
+    layer reaches madakv's backend, so startup stops naming why, rather than serving it as stock
+    under the name madakv."""
+    import json
+    import shutil
+
+    from vllm import LLM
+
+    path = tmp_path / "all-sliding"
+    shutil.copytree(model_dir("llama"), path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(layer_types=["sliding_attention"] * config["num_hidden_layers"], sliding_window=64)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="madakv cannot serve LlamaForCausalLM: it has no full-attention layer"):
+        LLM(model=str(path), enforce_eager=True, max_model_len=1024, block_size=32, dtype="float32",
+            attention_backend="madakv")
