@@ -331,6 +331,30 @@ def test_a_preempted_compressed_request_resumes_with_its_tokens(fam):
     assert free_blocks(llm) == fam.free_at_start["madakv"]
 
 
+def test_chunked_prefill_eviction_keeps_a_long_prompt_near_its_budget(fam):
+    """``prefill_eviction: chunked`` on a prompt of three prefill chunks: compressed after each,
+    the request never holds its whole prompt in the full-attention groups, and finishes."""
+    from madakv_vllm.integration.kv_manager import MadaKVManager
+
+    llm = fam.ours
+    media = [(m, 30 + i) for i, m in enumerate(fam.family.modalities)]
+    prompt = fam.prompt([words(900), *media, words(1400, 3)])
+    peak = {}
+
+    def record(_step):
+        rid = _internal_id(llm, "chunked")
+        if rid is not None:
+            for g, n in enumerate(held(llm, rid)):
+                peak[g] = max(peak.get(g, 0), n)
+
+    out = run_requests(llm, {"chunked": (prompt, greedy(4, {"madakv_prefill_eviction": "chunked"}))}, record)
+    n = len(out["chunked"].prompt_token_ids)
+    assert n > 2048 and len(out["chunked"].outputs[0].token_ids) == 4
+    for g, m in enumerate(managers(llm)):
+        if isinstance(m, MadaKVManager):
+            assert peak[g] < 0.75 * cdiv(n, m.block_size), (peak, n)
+
+
 def test_every_page_returns(fam):
     from madakv_vllm.integration.kv_manager import MadaKVManager
 
