@@ -288,13 +288,17 @@ def _load_file_url(orig):
 # --- scheduler (engine core) -----------------------------------------------------------------
 
 
-def _madakv_managers(kv_cache_manager) -> list:
+def _madakv_managers(owner) -> list:
+    """Our managers among the single-type managers of a ``KVCacheManager`` (through its coordinator)
+    or of a ``KVCacheCoordinator``: every KV cache group of a plain model, a hybrid's full-attention
+    groups, none without MADAKV. Found once per owner."""
     from madakv_vllm.integration.kv_manager import MadaKVManager
 
-    managers = kv_cache_manager.__dict__.get("_madakv_managers")
+    managers = owner.__dict__.get("_madakv_managers")
     if managers is None:
-        managers = [m for m in kv_cache_manager.coordinator.single_type_managers if isinstance(m, MadaKVManager)]
-        kv_cache_manager._madakv_managers = managers
+        coordinator = getattr(owner, "coordinator", owner)
+        managers = [m for m in coordinator.single_type_managers if isinstance(m, MadaKVManager)]
+        owner._madakv_managers = managers
     return managers
 
 
@@ -336,9 +340,7 @@ def _coordinator_cache_blocks(orig):
     """Caching a request's blocks: where a compressed request replaying its prompt will hit
     (``MadaKVManager.replay_boundaries``) joins vLLM's replay boundaries for this call."""
     def wrapper(self, request, *args, **kwargs):
-        from madakv_vllm.integration.kv_manager import MadaKVManager
-
-        ours = [m for m in self.single_type_managers if isinstance(m, MadaKVManager)]
+        ours = _madakv_managers(self)
         if not ours:
             return orig(self, request, *args, **kwargs)
         token = _EXTRA_REPLAY_BOUNDARIES.set(tuple(b for m in ours for b in m.replay_boundaries(request)))
