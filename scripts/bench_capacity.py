@@ -32,6 +32,20 @@ request being prefilled holds its whole prompt until compression. Both bound the
 
 Results also go, as JSON, to ``--out`` (default models/bench_capacity.json). The model is built
 once into models/bench-qwen2vl (tiny Qwen2-VL, 448x448 images -> 256 tokens each).
+
+``--family NAME`` measures a tiny build of madakv_eval.zoo instead, e.g. a hybrid whose other KV cache
+groups (sliding window, linear attention state) stay stock's while only its full-attention group(s)
+evict. Its Part 2 counts EVERY group: the pages a request holds in each group times that group's page
+bytes (page size x its layers), stock vs madakv at ``--budget``, at one prompt length or a few; its
+Part 1 sizes the fixed pool from stock's measured pages per request (so Part 2's stock engine runs
+first, in-process). ``gemma3`` is built at ``--layers`` text layers in Gemma 3's own pattern of
+``--sliding-per-global`` sliding-window layers (window ``--sliding-window``) per global one (default
+6 layers, 5:1, window 512: a 512-token window next to ~4000-token prompts weighs what Gemma 3's
+1024-token window does next to ~8000 tokens). Results go to docs/data/bench_capacity_<family>.json.
+
+    python scripts/bench_capacity.py --family gemma3 --quick                 # both parts
+    python scripts/bench_capacity.py --family gemma3 --memory-only           # Part 2 at 2000, 4000, 8000 tokens
+    python scripts/bench_capacity.py --family qwen3_5 --quick
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ if str(ROOT) not in sys.path:  # madakv_eval (the evaluation tools) is not insta
 from madakv_vllm.accounting import cdiv, plan_compression  # noqa: E402
 from madakv_vllm.config import MadaKVConfig  # noqa: E402
 from madakv_eval.serve import free_port, metrics, serve  # noqa: E402
+from madakv_eval.zoo import FAMILY_NAMES  # noqa: E402
 
 MODEL_DIR = ROOT / "models" / "bench-qwen2vl"
 GEOMETRY = {"max_image_tokens": 256}  # otherwise the tiny default: 2 layers, 4 q / 2 KV heads, head_dim 32, bf16
@@ -126,9 +141,9 @@ class TextMaker:
         return words(max(1, int(n_tokens / self.per_word)), seed)
 
 
-def chat_parts(tm: TextMaker, k: int, prompt_tokens: int, n_images: int) -> list:
+def chat_parts(tm: TextMaker, k: int, prompt_tokens: int, n_images: int, image_tokens: int = IMAGE_TOKENS) -> list:
     """[str | ('image', seed)]: a unique head, then text and images interleaved."""
-    text_tokens = max(16, prompt_tokens - n_images * IMAGE_TOKENS - 40)
+    text_tokens = max(16, prompt_tokens - n_images * image_tokens - 40)
     chunk = text_tokens // (n_images + 1)
     parts: list = [f"request {k} {k * 7919 % 10007}: " + tm.text(chunk, k)]
     for j in range(n_images):
@@ -162,7 +177,7 @@ async def _drive(port: int, model: str, args, tm: TextMaker, urls: list[str]) ->
 
     def messages(k: int) -> list:
         content = []
-        for p in chat_parts(tm, k, args.prompt_tokens, args.images):
+        for p in chat_parts(tm, k, args.prompt_tokens, args.images, args.image_tokens):
             if isinstance(p, tuple):
                 content.append({"type": "image_url", "image_url": {"url": urls[p[1] % len(urls)]}})
             else:
@@ -252,12 +267,13 @@ def _parse_log(log: Path) -> dict:
     return out
 
 
-def run_capacity(name: str, model: Path, args, kv_bytes: int, tm: TextMaker, urls: list[str]) -> dict:
+def run_capacity(name: str, model: Path, args, kv_bytes: int, tm: TextMaker, urls: list[str],
+                 engine_flags: tuple[str, ...] = ()) -> dict:
     port = free_port()
-    log = ROOT / "models" / f"bench_capacity_{name}.log"
+    log = ROOT / "models" / f"bench_capacity_{args.family + '_' if args.family else ''}{name}.log"
     common = ["--max-model-len", str(args.max_model_len), "--block-size", str(BLOCK_SIZE), "--enforce-eager",
               "--kv-cache-memory-bytes", str(kv_bytes), "--max-num-seqs", str(args.max_num_seqs),
-              "--limit-mm-per-prompt", json.dumps({"image": args.images}), "--seed", "0"]
+              "--limit-mm-per-prompt", json.dumps({"image": args.images}), "--seed", "0", *engine_flags]
     if args.max_num_batched_tokens:  # the same chunks for every engine
         common += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     extra = []
@@ -385,6 +401,317 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- zoo families (--family): every KV cache group's bytes per request ------------------------------
+
+#: Geometry options of families whose build takes them, and their defaults.
+FAMILY_GEOMETRY = {"gemma3": {"layers": 6, "sliding_per_global": 5, "sliding_window": 512}}
+
+
+def family_build_kwargs(name: str, args) -> dict:
+    """``build()`` keyword arguments of ``--family`` at the requested geometry (filled into ``args``)."""
+    defaults = FAMILY_GEOMETRY.get(name, {})
+    for key in ("layers", "sliding_per_global", "sliding_window"):
+        if getattr(args, key) is not None and key not in defaults:
+            raise SystemExit(f"--{key.replace('_', '-')} does not apply to --family {name}")
+        if getattr(args, key) is None and key in defaults:
+            setattr(args, key, defaults[key])
+    if name != "gemma3":
+        return {}
+    period = args.sliding_per_global + 1  # Gemma 3: layer i is global when (i + 1) % period == 0
+    types = tuple("full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(args.layers))
+    if "full_attention" not in types:
+        raise SystemExit(f"--layers {args.layers} with {args.sliding_per_global} sliding per global: no global layer")
+    return {"layer_types": types, "sliding_window": args.sliding_window}
+
+
+def ensure_family_model(fam, build_kwargs: dict) -> Path:
+    """models/bench-<family>, rebuilt when its build arguments differ from the last build's."""
+    path = ROOT / "models" / f"bench-{fam.name}"
+    marker = path / "bench_capacity_build.json"
+    want = json.dumps({"seed": 0, **build_kwargs}, sort_keys=True)
+    if marker.exists() and marker.read_text() == want:
+        return path
+    fam.module.build(path, seed=0, **build_kwargs)
+    marker.write_text(want)
+    return path
+
+
+def family_image_tokens(fam, model: Path) -> int:
+    """Placeholder tokens one ``make_image`` item takes, as the model's own HF processor expands it."""
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(str(model))
+    p = fam.module.prompt(["a", ("image", 0), "b"])
+    ids = proc(text=[p["prompt"]], images=p["multi_modal_data"]["image"])["input_ids"][0]
+    embed = fam.module.embed_token_ids(proc.tokenizer)["image"]
+    return sum(int(t) == embed for t in ids)
+
+
+def family_image_url(seed: int) -> str:
+    from madakv_eval.prompts import make_media
+
+    buf = io.BytesIO()
+    make_media("image", seed).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def family_engine_flags(fam) -> list[str]:
+    flags = ["--dtype", fam.dtype]
+    for k, v in fam.engine_kwargs.items():
+        flags += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
+    return flags
+
+
+def lscpu_model() -> str:
+    import subprocess
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+    return m.group(1).strip() if m else "unknown"
+
+
+def kv_groups(llm) -> dict:
+    """The engine's KV cache groups as its scheduler holds them, and the shared pool's block cost.
+
+    Every group allocates from one block pool, and the groups' tensors alias the same bytes: a block
+    costs ``pool_bytes_per_block`` (the largest group's pages of one block, padding layers included)
+    whichever group holds it, so a group's ``bytes_per_page`` (page size x its layers) is what its
+    layers store and ``pool_bytes_per_block`` what the pool gives up."""
+    import dataclasses
+
+    from madakv_vllm.integration.kv_manager import MadaKVManager
+
+    kcm = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+    cfg = kcm.kv_cache_config
+    groups = []
+    for g, m in zip(cfg.kv_cache_groups, kcm.coordinator.single_type_managers):
+        spec = g.kv_cache_spec
+        groups.append({
+            "spec": type(spec).__name__, "manager": type(m).__name__, "evicts": isinstance(m, MadaKVManager),
+            "layers": len(g.layer_names), "layer_names": list(g.layer_names), "block_size": spec.block_size,
+            "page_size_bytes": spec.page_size_bytes, "bytes_per_page": spec.page_size_bytes * len(g.layer_names),
+            # a state page (Mamba) is padded to the attention page: what it would take unpadded
+            "page_size_unpadded_bytes": (dataclasses.replace(spec, page_size_padded=None).page_size_bytes
+                                         if getattr(spec, "page_size_padded", None) else spec.page_size_bytes),
+            "sliding_window": getattr(spec, "sliding_window", None),
+        })
+    pool_bytes = cfg.kv_cache_tensors[0].size if cfg.kv_cache_tensors else 0
+    return {"groups": groups, "num_blocks": cfg.num_blocks, "pool_bytes": pool_bytes,
+            "pool_bytes_per_block": pool_bytes // cfg.num_blocks if cfg.num_blocks else 0}
+
+
+def _point(trace: list[tuple[int, list[int]]], i: int, geo: dict) -> dict:
+    computed, pages = trace[i]
+    per_group = [n * g["bytes_per_page"] for n, g in zip(pages, geo["groups"])]
+    return {"computed_tokens": computed, "pages": pages, "bytes": per_group, "total_bytes": sum(per_group),
+            "pool_bytes": sum(pages) * geo["pool_bytes_per_block"],
+            "token_layers": [n * g["block_size"] * g["layers"] for n, g in zip(pages, geo["groups"])]}
+
+
+def run_memory_family(fam, model: Path, args, tm: TextMaker, stock_only: bool = False) -> dict:
+    """Pages each request holds in every KV cache group, step by step, stock then madakv at ``--budget``."""
+    import gc
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    from vllm import LLM, SamplingParams
+
+    lengths = sorted(set(args.memory_lengths) | {args.prompt_tokens})
+    prompts = {n: fam.module.prompt(chat_parts(tm, 1000 + i, n, args.images, args.image_tokens))
+               for i, n in enumerate(lengths)}
+    common = dict(model=str(model), enforce_eager=True, max_model_len=max(max(lengths) + 1024, args.max_model_len),
+                  block_size=BLOCK_SIZE, dtype=fam.dtype, seed=0, limit_mm_per_prompt={"image": args.images},
+                  **fam.engine_kwargs)
+    if args.max_num_batched_tokens:
+        common["max_num_batched_tokens"] = args.max_num_batched_tokens
+    sp = SamplingParams(max_tokens=args.memory_decode, temperature=0, ignore_eos=True)
+
+    def run(llm) -> dict:
+        """length -> {prompt_tokens, trace: [(computed tokens, [pages held in each group])]}."""
+        core = llm.llm_engine.engine_core.engine_core
+        managers = core.scheduler.kv_cache_manager.coordinator.single_type_managers
+        got = {}
+        for n in lengths:  # one at a time: a request's pages alone, not its neighbours' chunking
+            name = f"len{n}"
+            llm.llm_engine.add_request(name, prompts[n], sp)
+            info = {"trace": []}
+            steps = 0
+            while llm.llm_engine.has_unfinished_requests():
+                llm.llm_engine.step()
+                steps += 1
+                rid = next((r for r in core.scheduler.requests if r == name or r.startswith(name + "-")), None)
+                if rid is not None:
+                    req = core.scheduler.requests[rid]
+                    info["prompt_tokens"] = req.num_prompt_tokens
+                    info["trace"].append((req.num_computed_tokens,
+                                          [sum(not b.is_null for b in m.req_to_blocks.get(rid, [])) for m in managers]))
+                assert steps < 100_000
+            got[n] = info
+        return got
+
+    out = {}
+    engines = [("stock", {})]
+    if not stock_only:
+        engines.append(("madakv", dict(attention_backend="madakv", additional_config={
+            "madakv": {"policy": args.policy, "budget": args.budget}})))
+    for which, extra in engines:
+        print(f"[memory] {which} engine ({fam.name}), prompt lengths {lengths}", flush=True)
+        llm = LLM(**common, **extra)
+        out[which] = {"geometry": kv_groups(llm), "requests": run(llm)}
+        del llm
+        gc.collect()
+    return out
+
+
+def family_memory_rows(mem: dict, budget: float) -> list[dict]:
+    """Per prompt length: stock vs madakv bytes in every group after prefill (madakv: right after its
+    compression, stock at the same length) and at the last step (both at the same length)."""
+    geo_s, geo_m = mem["stock"]["geometry"], mem["madakv"]["geometry"]
+    rows = []
+    for n, s in mem["stock"]["requests"].items():
+        m = mem["madakv"]["requests"][n]
+        c = s["prompt_tokens"]
+        evicting = [i for i, g in enumerate(geo_m["groups"]) if g["evicts"]]
+
+        def full_pages(pages):
+            return sum(pages[i] for i in evicting)
+
+        s_at = {t: i for i, (t, _) in enumerate(s["trace"])}
+        peak = max(range(len(m["trace"])), key=lambda i: full_pages(m["trace"][i][1]))
+        after = next((i for i in range(peak, len(m["trace"]))
+                      if full_pages(m["trace"][i][1]) < full_pages(m["trace"][peak][1])), len(m["trace"]) - 1)
+        t_after = m["trace"][after][0]
+        s_after = s_at.get(t_after, next(i for i, (t, _) in enumerate(s["trace"]) if t >= c))
+        total_peak = {w: max(range(len(r["trace"])), key=lambda i: sum(
+            k * g["bytes_per_page"] for k, g in zip(r["trace"][i][1], geo["groups"])))
+            for w, r, geo in (("stock", s, geo_s), ("madakv", m, geo_m))}
+        rows.append({
+            "prompt_tokens": c, "budget": budget,
+            "after_compression": {"stock": _point(s["trace"], s_after, geo_s),
+                                  "madakv": _point(m["trace"], after, geo_m)},
+            "last": {"stock": _point(s["trace"], len(s["trace"]) - 1, geo_s),
+                     "madakv": _point(m["trace"], len(m["trace"]) - 1, geo_m)},
+            "peak": {"stock": _point(s["trace"], total_peak["stock"], geo_s),
+                     "madakv": _point(m["trace"], total_peak["madakv"], geo_m)},
+        })
+    return rows
+
+
+def family_memory_table(rows: list[dict], geo: dict, point: str) -> str:
+    kinds = [f"g{i} {g['spec'].removesuffix('Spec')}{'/madakv' if g['evicts'] else ''} x{g['layers']}"
+             for i, g in enumerate(geo["groups"])]
+    lines = ["| prompt tokens | engine | computed | " + " | ".join(kinds) + " | total KiB | total / stock |",
+             "|---:|---|---:|" + "---:|" * len(kinds) + "---:|---:|"]
+    for r in rows:
+        s_total = r[point]["stock"]["total_bytes"]
+        for w in ("stock", "madakv"):
+            p = r[point][w]
+            cells = " | ".join(f"{n} p = {b / 1024:.0f} KiB" for n, b in zip(p["pages"], p["bytes"]))
+            lines.append(f"| {r['prompt_tokens']} | {w} | {p['computed_tokens']} | {cells} | "
+                         f"{p['total_bytes'] / 1024:.0f} | {p['total_bytes'] / s_total:.3f} |")
+    return "\n".join(lines)
+
+
+def stock_request_blocks(mem: dict, prompt_len: int, request_tokens: int) -> int:
+    """Pool blocks one stock request of ``request_tokens`` holds once past its prefill: each
+    full-attention group ``cdiv(request_tokens, block)`` pages, every other group what stock held in
+    the first step after the prompt in Part 2's run of a ``prompt_len`` prompt (a window's pages, a
+    state's)."""
+    geo = mem["stock"]["geometry"]
+    r = mem["stock"]["requests"][prompt_len]
+    steady = next((pages for t, pages in r["trace"] if t > r["prompt_tokens"]), r["trace"][-1][1])
+    return sum(cdiv(request_tokens, g["block_size"]) if g["spec"] == "FullAttentionSpec" else n
+               for n, g in zip(steady, geo["groups"]))
+
+
+def print_capacity(cap: dict, ratios: dict, args, pool_desc: str) -> None:
+    print()
+    print(f"## Capacity (budget {args.budget}, policy {args.policy}, same KV pool {pool_desc}; "
+          f"window {args.warmup:.0f}s..{args.warmup + args.duration:.0f}s)")
+    print("| engine | prompt tok (mean) | running max | running time-avg | kv usage max | kv usage time-avg "
+          "| waiting time-avg | preemptions | gen tok/s | completed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in cap.items():
+        print(f"| {name} | {r['mean_prompt_tokens']:.0f} | {r['running_max']:.0f} | {r['running_time_avg']:.2f} | "
+              f"{r['kv_usage_max']:.3f} | {r['kv_usage_time_avg']:.3f} | {r['waiting_time_avg']:.1f} | "
+              f"{r['preemptions_in_window']:.0f} | {r['generation_tok_per_s']:.0f} | {r['completed']} |")
+    for name, (ratio_avg, ratio_max) in ratios.items():
+        target = 0.95 / args.budget if name.endswith("-chunked") else 4.0
+        print(f"RATIO {name}/stock running: time-avg {ratio_avg:.2f}x, max {ratio_max:.2f}x (target >= {target:.2f}x)")
+    print(flush=True)
+
+
+def run_capacity_all(model: Path, args, kv_bytes: int, tm: TextMaker, urls: list[str],
+                     engine_flags: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    cap = {}
+    names = ["stock"] + [("madakv" if mode == "end" else f"madakv-{mode}") for mode in args.prefill_eviction]
+    for name in names:
+        cap[name] = run_capacity(name, model, args, kv_bytes, tm, urls, engine_flags)
+    s = cap["stock"]
+    ratios = {name: (cap[name]["running_time_avg"] / s["running_time_avg"], cap[name]["running_max"] / s["running_max"])
+              for name in names[1:]}
+    return cap, ratios
+
+
+def main_family(args) -> int:
+    from madakv_eval import zoo
+
+    t_start = time.monotonic()
+    fam = zoo.family(args.family)
+    build_kwargs = family_build_kwargs(fam.name, args)
+    model = ensure_family_model(fam, build_kwargs)
+    tm = TextMaker(model)
+    args.image_tokens = family_image_tokens(fam, model)
+    cpu = lscpu_model()
+    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "family": fam.name, "architecture": fam.architecture, "dtype": fam.dtype,
+              "build_kwargs": build_kwargs, "model": str(model.relative_to(ROOT)),
+              "image_tokens_per_image": args.image_tokens, "cpu": cpu, "cpu_count": os.cpu_count()}
+    print(f"{fam.name} ({fam.architecture}, {fam.dtype}) at {model.relative_to(ROOT)}: "
+          f"{build_kwargs or 'zoo default'}; {args.image_tokens} tokens per image; CPU {cpu} x {os.cpu_count()}",
+          flush=True)
+
+    mem = run_memory_family(fam, model, args, tm, stock_only=args.capacity_only)
+    result["geometry"] = {w: mem[w]["geometry"] for w in mem}
+    result["traces"] = {w: {str(n): r for n, r in mem[w]["requests"].items()} for w in mem}
+    geo = mem["stock"]["geometry"]
+    print("KV cache groups (stock): " + "; ".join(
+        f"g{i} {g['spec']} x{g['layers']} layers, block {g['block_size']}, page {g['page_size_bytes']} B"
+        + (f" (unpadded {g['page_size_unpadded_bytes']} B)" if g["page_size_unpadded_bytes"] != g["page_size_bytes"]
+           else "") + (f", window {g['sliding_window']}" if g["sliding_window"] else "") for i, g in enumerate(geo["groups"]))
+        + f"; pool block {geo['pool_bytes_per_block']} B", flush=True)
+    if not args.capacity_only:
+        rows = family_memory_rows(mem, args.budget)
+        result["memory_groups"] = rows
+        for point, what in (("after_compression", "right after madakv's compression (stock at the same length)"),
+                            ("last", f"at the last step ({args.memory_decode} tokens decoded)"),
+                            ("peak", "at each engine's own peak (a prefill step)")):
+            print()
+            print(f"## KV bytes per request in every group, {what}; budget {args.budget}")
+            print(family_memory_table(rows, mem["madakv"]["geometry"], point))
+
+    if not args.memory_only:
+        request_tokens = args.prompt_tokens + args.max_tokens
+        per_req = stock_request_blocks(mem, args.prompt_tokens, request_tokens)
+        blocks = int(args.stock_fit * per_req)
+        kv_bytes = blocks * geo["pool_bytes_per_block"]
+        print(f"KV pool {kv_bytes} bytes = {blocks} blocks of {geo['pool_bytes_per_block']} B (stock fits "
+              f"{args.stock_fit} requests of {args.prompt_tokens} + {args.max_tokens} tokens, {per_req} blocks each)",
+              flush=True)
+        urls = [family_image_url(s) for s in range(64)]
+        cap, ratios = run_capacity_all(model, args, kv_bytes, tm, urls, tuple(family_engine_flags(fam)))
+        result["capacity"] = {"kv_cache_memory_bytes": kv_bytes, "kv_pool_blocks": blocks,
+                              "stock_request_blocks": per_req, **cap,
+                              "ratios": {n: {"running_time_avg": a, "running_max": m} for n, (a, m) in ratios.items()}}
+        print_capacity(cap, ratios, args, f"{kv_bytes} B = {blocks} blocks")
+
+    result["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out} ({result['elapsed_s']}s)")
+    return 0
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -397,8 +724,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default="madakv")
     p.add_argument("--recompress-interval", type=int, default=32,
                    help="server-wide recompress_interval (the config default, 32; 0: off)")
-    p.add_argument("--prompt-tokens", type=int, default=3600, help="target prompt length of a capacity request")
-    p.add_argument("--images", type=int, default=6, help="images per capacity request (256 tokens each)")
+    p.add_argument("--family", default=None, choices=FAMILY_NAMES,
+                   help="a tiny build of madakv_eval.zoo instead of the Qwen2-VL (every KV cache group counted)")
+    p.add_argument("--layers", type=int, default=None, help="--family gemma3: text layers (default 6)")
+    p.add_argument("--sliding-per-global", type=int, default=None,
+                   help="--family gemma3: sliding-window layers per global one, Gemma 3's pattern (default 5)")
+    p.add_argument("--sliding-window", type=int, default=None, help="--family gemma3: window, tokens (default 512)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="target prompt length of a capacity request (default 3600; --family: 4000)")
+    p.add_argument("--images", type=int, default=None,
+                   help="images per capacity request (default 6 of 256 tokens; --family: 4 of the family's size)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prefill-eviction", nargs="+", choices=["end", "chunked"], default=["end"],
                    help="madakv engines to run after stock, one per mode (e.g. end chunked)")
@@ -414,14 +749,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--memory-lengths", type=int, nargs="+", default=None,
-                   help="Part 2 prompt lengths (default 1024 2048 4096 8192; quick: 2048 8192)")
+                   help="Part 2 prompt lengths (default 1024 2048 4096 8192; quick: 2048 8192; "
+                        "--family: 2000 8000 and --prompt-tokens; quick: --prompt-tokens)")
     p.add_argument("--memory-decode", type=int, default=8, help="Part 2: tokens generated after compression")
-    p.add_argument("--out", type=Path, default=ROOT / "models" / "bench_capacity.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default models/bench_capacity.json; --family: docs/data/bench_capacity_<family>.json")
     args = p.parse_args(argv)
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 4000 if args.family else 3600
+    if args.images is None:
+        args.images = 4 if args.family else 6
+    if args.out is None:
+        args.out = (ROOT / "docs" / "data" / f"bench_capacity_{args.family}.json" if args.family
+                    else ROOT / "models" / "bench_capacity.json")
     if args.warmup is None:
         args.warmup = 12.0 if args.quick else 25.0
     if args.duration is None:
         args.duration = 25.0 if args.quick else 90.0
+    if args.memory_lengths is None and args.family:
+        args.memory_lengths = [] if args.quick else [2000, 8000]
     if args.memory_lengths is None:
         args.memory_lengths = [2048, 8192] if args.quick else [1024, 2048, 4096, 8192]
     return args
@@ -429,6 +775,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.family:
+        return main_family(args)
+    for key in ("layers", "sliding_per_global", "sliding_window"):
+        if getattr(args, key) is not None:
+            raise SystemExit(f"--{key.replace('_', '-')} needs --family")
+    args.image_tokens = IMAGE_TOKENS
     t_start = time.monotonic()
     model = ensure_model()
     tm = TextMaker(model)
@@ -444,31 +796,12 @@ def main(argv=None) -> int:
         print(f"KV pool {kv_bytes} bytes = {kv_tokens} tokens = {kv_tokens // BLOCK_SIZE} blocks of {BLOCK_SIZE} "
               f"(stock fits {args.stock_fit} requests of {args.prompt_tokens} + {args.max_tokens} tokens)", flush=True)
         urls = [image_url(s) for s in range(64)]
-        cap = {}
-        names = ["stock"] + [("madakv" if mode == "end" else f"madakv-{mode}") for mode in args.prefill_eviction]
-        for name in names:
-            cap[name] = run_capacity(name, model, args, kv_bytes, tm, urls)
-        s = cap["stock"]
-        ratios = {name: (cap[name]["running_time_avg"] / s["running_time_avg"], cap[name]["running_max"] / s["running_max"])
-                  for name in names[1:]}
+        cap, ratios = run_capacity_all(model, args, kv_bytes, tm, urls)
         result["capacity"] = {"kv_cache_memory_bytes": kv_bytes, "kv_pool_tokens": kv_tokens, **cap,
                               "ratios": {n: {"running_time_avg": a, "running_max": m} for n, (a, m) in ratios.items()}}
         if "madakv" in ratios:  # the keys earlier results have
             result["capacity"].update(ratio_running_time_avg=ratios["madakv"][0], ratio_running_max=ratios["madakv"][1])
-        print()
-        print(f"## Capacity (budget {args.budget}, policy {args.policy}, same KV pool {kv_bytes} B = "
-              f"{kv_tokens // BLOCK_SIZE} blocks; window {args.warmup:.0f}s..{args.warmup + args.duration:.0f}s)")
-        print("| engine | prompt tok (mean) | running max | running time-avg | kv usage max | kv usage time-avg "
-              "| waiting time-avg | preemptions | gen tok/s | completed |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for name, r in cap.items():
-            print(f"| {name} | {r['mean_prompt_tokens']:.0f} | {r['running_max']:.0f} | {r['running_time_avg']:.2f} | "
-                  f"{r['kv_usage_max']:.3f} | {r['kv_usage_time_avg']:.3f} | {r['waiting_time_avg']:.1f} | "
-                  f"{r['preemptions_in_window']:.0f} | {r['generation_tok_per_s']:.0f} | {r['completed']} |")
-        for name, (ratio_avg, ratio_max) in ratios.items():
-            target = 0.95 / args.budget if name.endswith("-chunked") else 4.0
-            print(f"RATIO {name}/stock running: time-avg {ratio_avg:.2f}x, max {ratio_max:.2f}x (target >= {target:.2f}x)")
-        print(flush=True)
+        print_capacity(cap, ratios, args, f"{kv_bytes} B = {kv_tokens // BLOCK_SIZE} blocks")
 
     if not args.capacity_only:
         rows = run_memory(model, args, tm)
