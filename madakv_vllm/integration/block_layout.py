@@ -11,6 +11,12 @@ sub-block, puts every (offset, dim) at exactly one position, and a round trip of
 reads back exactly. Nothing here knows an ISA by name, so any ISA whose writer is deterministic
 reads back by construction, including those this CPU cannot run.
 
+An fp8 KV cache (``fp8``/``fp8_e4m3``, ``fp8_e5m2``) is a uint8 buffer the writer fills with fp8
+bytes, quantizing each value as ``value / scale``; its pages are probed the same way, in bytes,
+with codes the fp8 format holds exactly (digits 1..16 in e4m3, 1..8 in e5m2, so more writes).
+Tables then count bytes, and reading through them gives the stored bytes: compaction moves those
+(``BlockLayout.write``) and never quantizes again.
+
 Reading through a table is an int64 gather per element; where a table is a mixed-radix strided
 pattern (``vec``: K ``[D, bs]``, V ``[bs, D]``; ``amx``: 16-slot and 2-dim interleaves) the same
 positions are read through a strided view instead, which is several times faster. That form is
@@ -32,8 +38,25 @@ import torch
 Writer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 # Codes are digits 1..RADIX (K) and -1..-RADIX (V): integers every float dtype (bf16: 8
-# significant bits) holds exactly; a (offset, dim) code takes ceil(log_RADIX(bs*D)) writes.
+# significant bits) holds exactly; a (offset, dim) code takes ceil(log_RADIX(bs*D)) writes. An
+# fp8 cache holds fewer integers exactly: its radix is lowered to them (format_radix).
 RADIX = 128
+
+#: The fp8 KV cache formats of vLLM's CPU kernels (``is_quantized_kv_cache``), as torch's element
+#: types of the bytes they store; vLLM allocates these caches as uint8 (``fp8`` is e4m3).
+FP8_FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def cache_storage(dtype: torch.dtype, kv_cache_dtype: str | None = "auto") -> tuple[torch.dtype, torch.dtype]:
+    """(the buffer's torch dtype, the format of its elements) of a KV cache for model dtype ``dtype``:
+    ``(dtype, dtype)`` unquantized, ``(uint8, float8_*)`` for an fp8 cache."""
+    fmt = FP8_FORMATS.get(kv_cache_dtype or "auto")
+    return (dtype, dtype) if fmt is None else (torch.uint8, fmt)
+
+
+def format_radix(fmt: torch.dtype) -> int:
+    """RADIX, or fewer: the integers 1..radix that ``fmt`` holds exactly (2**(mantissa bits + 1))."""
+    return min(RADIX, round(2 / torch.finfo(fmt).eps))
 
 
 class LayoutError(RuntimeError):
@@ -110,11 +133,35 @@ class BlockLayout:
         return (self._read(buffer, sb, off, self.key_index, self.key_form),
                 self._read(buffer, sb, off, self.value_index, self.value_form))
 
+    def write(self, buffer: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K and V ([n, D] each, the buffer's dtype: stored elements, e.g. what ``read``
+        gave) at flat ``slots`` of ``buffer``, element for element: a move, bit for bit."""
+        sb, off = slots // self.block_size, slots % self.block_size
+        self._write(buffer, sb, off, self.key_index, self.key_form, k)
+        self._write(buffer, sb, off, self.value_index, self.value_form, v)
+
     def _read(self, buffer, sb, off, index, form) -> torch.Tensor:
+        where = self._where(buffer, sb, off, index, form)
+        if form is None:
+            return buffer.view(-1)[where]
+        view, digits = where
+        return view[digits].reshape(-1, self.head_size)
+
+    def _write(self, buffer, sb, off, index, form, values) -> None:
+        where = self._where(buffer, sb, off, index, form)
+        if form is None:
+            buffer.view(-1)[where] = values
+        else:
+            view, digits = where
+            dim = form[1]
+            view[digits] = values.reshape(-1, *dim.sizes)
+
+    def _where(self, buffer, sb, off, index, form):
+        """The elements of entries (sub-block ``sb``, offset ``off``): flat positions ([n, D]) for a
+        gather table, else a strided view of ``buffer`` and the index that picks them from it."""
         sub_elems = 2 * self.block_size * self.head_size
         if form is None:
-            flat = buffer.view(-1)
-            return flat[(sb * sub_elems).unsqueeze(1) + index[off]]
+            return (sb * sub_elems).unsqueeze(1) + index[off]
         slot, dim = form
         view = torch.as_strided(
             buffer,
@@ -122,7 +169,7 @@ class BlockLayout:
             stride=(sub_elems, *slot.strides, *dim.strides),
             storage_offset=buffer.storage_offset() + slot.offset + dim.offset,
         )
-        return view[(sb, *slot.digits(off))].reshape(-1, self.head_size)
+        return view, (sb, *slot.digits(off))
 
 
 def _separable_form(index: torch.Tensor) -> tuple[Strided, Strided] | None:
@@ -136,38 +183,45 @@ def _separable_form(index: torch.Tensor) -> tuple[Strided, Strided] | None:
 # --- the probe ------------------------------------------------------------------------------
 
 
-def probe(writer: Writer, isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> BlockLayout:
-    """The layout ``writer`` uses, checked; raises LayoutError naming what is wrong."""
+def probe(writer: Writer, isa: str, block_size: int, head_size: int, dtype: torch.dtype,
+          kv_cache_dtype: str = "auto") -> BlockLayout:
+    """The layout ``writer`` uses, checked; raises LayoutError naming what is wrong. ``dtype`` is
+    what the writer is given (the model's); an fp8 ``kv_cache_dtype`` is probed in bytes."""
     bs, d = block_size, head_size
     n_entries, sub_elems = bs * d, 2 * bs * d
-    where = f"CPU attention ISA {isa!r} (block size {bs}, head size {d}, {dtype})"
+    storage, fmt = cache_storage(dtype, kv_cache_dtype)
+    cache = "" if fmt is dtype else f", {kv_cache_dtype} KV cache"
+    where = f"CPU attention ISA {isa!r} (block size {bs}, head size {d}, {dtype}{cache})"
+    radix = format_radix(fmt)
     # three sub-blocks, entries written to the middle one: a write outside it shows in the others
-    buffer = torch.zeros(3, 1, 2 * bs, d, dtype=dtype)
+    buffer = torch.zeros(3, 1, 2 * bs, d, dtype=storage)
     key_cache, value_cache = buffer.chunk(2, dim=2)
     slots = bs + torch.arange(bs)
     code = torch.arange(n_entries).view(bs, d)  # entry (offset o, dim j) has code o*D + j
-    n_digits = max(1, math.ceil(math.log(n_entries, RADIX)))
+    n_digits = 1
+    while radix**n_digits < n_entries:
+        n_digits += 1
     decoded = torch.zeros(sub_elems, dtype=torch.long)
     written = None
     for i in range(n_digits):
-        digit = (code // RADIX**i % RADIX + 1).to(dtype)
+        digit = (code // radix**i % radix + 1).to(dtype)
         buffer.zero_()
         writer(digit.unsqueeze(1), (-digit).unsqueeze(1), key_cache, value_cache, slots)
         if buffer[0].any() or buffer[2].any():
             raise LayoutError(f"madakv: the KV writer of {where} writes outside the sub-block of its slots")
-        got = buffer[1].reshape(-1).double()
+        got = buffer[1].reshape(-1).view(fmt).double()
         mask = got.sign().long()  # +1: a K entry, -1: a V entry, 0: untouched
         if written is None:
             written = mask
         elif not torch.equal(mask, written):
             raise LayoutError(f"madakv: the KV writer of {where} puts entries in different places per write")
-        if not torch.equal(got.abs(), got.abs().round()) or bool((got.abs() > RADIX).any()):
+        if not torch.equal(got.abs(), got.abs().round()) or bool((got.abs() > radix).any()):
             raise LayoutError(f"madakv: the KV writer of {where} does not store the entries it was given")
-        decoded += (got.abs().long() - 1).clamp(min=0) * RADIX**i
+        decoded += (got.abs().long() - 1).clamp(min=0) * radix**i
     key_index = _positions(decoded, written == 1, n_entries, "K", where)
     value_index = _positions(decoded, written == -1, n_entries, "V", where)
     layout = BlockLayout.from_tables(isa, key_index.view(bs, d), value_index.view(bs, d))
-    _round_trip(writer, layout, dtype, where)
+    _round_trip(writer, layout, dtype, storage, fmt, where)
     return layout
 
 
@@ -187,31 +241,41 @@ def _positions(decoded: torch.Tensor, mask: torch.Tensor, n_entries: int, what: 
     return index
 
 
-def _round_trip(writer: Writer, layout: BlockLayout, dtype: torch.dtype, where: str) -> None:
-    """Random entries written to scattered slots of several sub-blocks read back exactly."""
+def _round_trip(writer: Writer, layout: BlockLayout, dtype: torch.dtype, storage: torch.dtype, fmt: torch.dtype,
+                where: str) -> None:
+    """Random entries written to scattered slots of several sub-blocks read back exactly: in an fp8
+    cache, random non-zero values of the format (stored unchanged; vLLM's writer stores -0 as +0
+    and rounds other values its own way), compared byte for byte."""
     bs, d = layout.block_size, layout.head_size
     gen = torch.Generator().manual_seed(0)
-    buffer = torch.zeros(4, 1, 2 * bs, d, dtype=dtype)
+    buffer = torch.zeros(4, 1, 2 * bs, d, dtype=storage)
     key_cache, value_cache = buffer.chunk(2, dim=2)
     slots = torch.randperm(4 * bs, generator=gen)[: 2 * bs]
-    k = torch.randn(len(slots), 1, d, generator=gen).to(dtype)
-    v = torch.randn(len(slots), 1, d, generator=gen).to(dtype)
+    k, v = (_exactly_stored(torch.randn(len(slots), 1, d, generator=gen), dtype, fmt) for _ in range(2))
     writer(k, v, key_cache, value_cache, slots)
     rk, rv = layout.read(buffer, slots)
-    if not (torch.equal(rk, k[:, 0]) and torch.equal(rv, v[:, 0])):
+    if not (torch.equal(rk, k[:, 0].to(fmt).view(storage)) and torch.equal(rv, v[:, 0].to(fmt).view(storage))):
         raise LayoutError(f"madakv: entries written by the KV writer of {where} do not read back")
+
+
+def _exactly_stored(x: torch.Tensor, dtype: torch.dtype, fmt: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, rounded to values of ``fmt`` other than zero when that is narrower."""
+    if fmt is dtype:
+        return x.to(dtype)
+    x = x.to(fmt).float()
+    return torch.where(x == 0, 1.0, x).to(dtype)
 
 
 # --- vLLM's writer ------------------------------------------------------------------------------
 
 
-def kernel_writer(isa: str, kv_cache_dtype: str = "auto") -> Writer:
-    """vLLM's own CPU KV writer for ``isa`` (unquantized caches: scales 1)."""
+def kernel_writer(isa: str, kv_cache_dtype: str = "auto", k_scale: float = 1.0, v_scale: float = 1.0) -> Writer:
+    """vLLM's own CPU KV writer for ``isa``; an fp8 cache stores ``key / k_scale``, ``value / v_scale``."""
     from vllm import _custom_ops as ops
 
     def write(key, value, key_cache, value_cache, slots):
         ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
-                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_cache_dtype)
+                                       k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=kv_cache_dtype)
 
     return write
 
@@ -219,12 +283,14 @@ def kernel_writer(isa: str, kv_cache_dtype: str = "auto") -> Writer:
 @functools.lru_cache(maxsize=None)
 def kernel_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype,
                   kv_cache_dtype: str = "auto") -> BlockLayout:
-    """The layout of vLLM's writer, probed once per process and configuration. A writer that
-    refuses the configuration (an ISA this CPU or build lacks) is a LayoutError too."""
+    """The layout of vLLM's writer, probed once per process and configuration (``dtype``: the
+    model's). A writer that refuses the configuration (an ISA this CPU or build lacks, or an ISA
+    without fp8 pages) is a LayoutError too."""
     try:
-        return probe(kernel_writer(isa, kv_cache_dtype), isa, block_size, head_size, dtype)
+        return probe(kernel_writer(isa, kv_cache_dtype), isa, block_size, head_size, dtype, kv_cache_dtype)
     except LayoutError:
         raise
     except RuntimeError as e:
+        cache = "" if cache_storage(dtype, kv_cache_dtype)[1] is dtype else f", {kv_cache_dtype} KV cache"
         raise LayoutError(f"madakv: vLLM's KV writer refuses CPU attention ISA {isa!r} "
-                          f"(block size {block_size}, head size {head_size}, {dtype}): {e}") from None
+                          f"(block size {block_size}, head size {head_size}, {dtype}{cache}): {e}") from None

@@ -177,7 +177,8 @@ class MadaKVCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def bind_kv_cache(self) -> None:
         """At startup, once the runner has allocated the KV cache (per_head.initializing_kv_cache)."""
-        self.state.cache = FlatKVCache(layer_caches(self.vllm_config, self._layers), self.isa, self.kv_cache_dtype)
+        self.state.cache = FlatKVCache(layer_caches(self.vllm_config, self._layers), self.isa, self.kv_cache_dtype,
+                                       self.dtype)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -245,6 +246,7 @@ class MadaKVCPUImpl(CPUAttentionBackendImpl):
         T = batch.num_tokens
         H = self.num_kv_heads
 
+        c.scales[l] = (layer._k_scale_float, layer._v_scale_float)  # an fp8 cache's, for scoring its keys
         if key is not None:
             ops.cpu_attn_reshape_and_cache(
                 per_head.to_heads(key[:T], H), per_head.to_heads(value[:T], H), c.key, c.value,

@@ -294,7 +294,7 @@ class WorkerKV:
             sub[l, h, :k] = pool[int(starts[i]) : int(starts[i]) + k]
             j = torch.arange(int(counts[l, h]))
             dst.append(sub[l, h, j // bs] * bs + j % bs)
-        c.write(k_all, v_all, torch.cat(dst))
+        c.put(k_all, v_all, torch.cat(dst))  # the stored elements, moved (an fp8 cache's bytes)
 
         tok_cap = max(int(counts.max()) + max(rs.cfg.recompress_interval, 64), 64)
         entry_modality = torch.zeros(L, H, tok_cap, dtype=torch.int8)
@@ -321,16 +321,17 @@ class WorkerKV:
         return self.cache.subblock(layer, pages, head) * self.bs + positions % self.bs
 
     def read_stock(self, layer: int, block_ids: list[int], n: int):
-        """K, V of positions [0, n) of every head, stock layout: [H, n, D] each."""
+        """K, V of positions [0, n) of every head, stock layout: [H, n, D] each, as the kernel
+        reads them (an fp8 cache's dequantized with the layer's scales)."""
         pos = torch.arange(n)
         slots = torch.stack([self.stock_slots(layer, h, block_ids, pos) for h in range(self.H)])
-        k, v = self.cache.read(slots.reshape(-1))
+        k, v = self.cache.read_values(layer, slots.reshape(-1))
         return k.view(self.H, n, self.D), v.view(self.H, n, self.D)
 
     def read_compressed(self, rs: RequestKV, layer: int, head: int, n: int):
         j = torch.arange(n)
         slots = rs.subblocks[layer, head, j // self.bs] * self.bs + j % self.bs
-        return self.cache.read(slots)
+        return self.cache.read_values(layer, slots)
 
     # --- growth ------------------------------------------------------------------
 

@@ -7,23 +7,37 @@ sub-block ``(layer_slot*NB + page)*H + head``. The stock kernels accept that vie
 with ``num_kv_heads=1``; any (layer, head) may own any sub-block of its request's
 pages, which lets retained KV be packed across layers.
 
-Writes go through the kernel's own writer; reads go through the layout that writer was
-seen to use (block_layout.py), probed at engine startup.
+New entries go through the kernel's own writer; reads go through the layout that writer was
+seen to use (block_layout.py), probed at engine startup. Compaction moves stored elements
+along that layout (``read``, then ``put``), never converting them: an fp8 cache (a uint8 buffer
+of fp8 bytes, each ``value / scale`` of its layer) keeps every retained byte. Scoring reads
+entries as the kernel sees them (``read_values``): fp8 values times the layer's scale.
 """
 
 from __future__ import annotations
 
 import torch
 
-from madakv_vllm.integration.block_layout import BlockLayout, kernel_layout, kernel_writer
+from madakv_vllm.integration.block_layout import BlockLayout, cache_storage, kernel_layout, kernel_writer
 
 
 class FlatKVCache:
-    def __init__(self, layer_caches: list[torch.Tensor], isa: str, kv_cache_dtype: str = "auto"):
+    """``layer_caches``: each layer's ``[NB, H, bs, 2*D]`` view, in the order ``layer`` counts;
+    ``dtype``: the model's (what the writer is given), by default the caches' own (unquantized)."""
+
+    def __init__(self, layer_caches: list[torch.Tensor], isa: str, kv_cache_dtype: str = "auto",
+                 dtype: torch.dtype | None = None):
         c0 = layer_caches[0]
         nb, h, bs, two_d = c0.shape
         self.num_blocks, self.num_kv_heads, self.block_size, self.head_size = nb, h, bs, two_d // 2
         self.isa, self.kv_cache_dtype = isa, kv_cache_dtype
+        self.dtype = dtype or c0.dtype
+        storage, self.element_format = cache_storage(self.dtype, kv_cache_dtype)
+        if c0.dtype != storage:
+            raise RuntimeError(f"madakv: a {kv_cache_dtype} KV cache for {self.dtype} is {storage}, got {c0.dtype}")
+        self.quantized = self.element_format != self.dtype
+        # (k_scale, v_scale) the kernels used for each layer's entries (MadaKVCPUImpl.forward sets them)
+        self.scales: list[tuple[float, float]] = [(1.0, 1.0)] * len(layer_caches)
         page_elems = h * bs * two_d
         for c in layer_caches:
             if c.shape != c0.shape or c.stride() != (page_elems, bs * two_d, two_d, 1) or c.dtype != c0.dtype:
@@ -47,8 +61,7 @@ class FlatKVCache:
             storage_offset=base,
         )
         self.key, self.value = self.flat.chunk(2, dim=2)
-        self.layout = self._layout(c0.dtype)
-        self._write = kernel_writer(isa, kv_cache_dtype)
+        self.layout = self._layout(self.dtype)
 
     def _layout(self, dtype) -> BlockLayout | None:
         return kernel_layout(self.isa, self.block_size, self.head_size, dtype, self.kv_cache_dtype)
@@ -57,14 +70,34 @@ class FlatKVCache:
         """Flat sub-block id of (layer, page, head)."""
         return (self.layer_slot[layer] * self.num_blocks + page) * self.num_kv_heads + head
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """k, v: [n, D]; slots: flat slot = subblock * bs + offset. Unquantized caches only
-        (rules.configure_engine refuses the others), so the scales are 1."""
-        self._write(k.unsqueeze(1), v.unsqueeze(1), self.key, self.value, slots)
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_scale: float = 1.0,
+              v_scale: float = 1.0) -> None:
+        """New entries through vLLM's writer. k, v: [n, D] in the model's dtype; slots: flat
+        slot = subblock * bs + offset; an fp8 cache stores ``k / k_scale``, ``v / v_scale``."""
+        write = kernel_writer(self.isa, self.kv_cache_dtype, k_scale, v_scale)
+        write(k.unsqueeze(1), v.unsqueeze(1), self.key, self.value, slots)
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ([n, D] each) stored at flat slots."""
+        """K and V ([n, D] each) stored at flat slots, as stored (an fp8 cache: its uint8 bytes)."""
         return self.layout.read(self.flat, slots)
+
+    def put(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store what ``read`` gave at other flat slots, unchanged. An fp8 cache: its bytes, moved
+        along the layout (vLLM's writer would quantize them again). Unquantized: through vLLM's
+        writer, which copies them and is faster here than the layout's scatter."""
+        if self.quantized:
+            self.layout.write(self.flat, slots, k, v)
+        else:
+            self.write(k, v, slots)
+
+    def read_values(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``layer`` at flat slots as vLLM's kernel reads them: an fp8 cache's stored
+        values times the layer's scales (float32); unquantized, as stored."""
+        k, v = self.read(slots)
+        if not self.quantized:
+            return k, v
+        k_scale, v_scale = self.scales[layer]
+        return (k.view(self.element_format).float() * k_scale, v.view(self.element_format).float() * v_scale)
 
 
 class TorchFlatKVCache(FlatKVCache):
