@@ -39,6 +39,10 @@ over samples, layers and KV heads:
 * ``needle_kept`` -- fraction of the needle tokens (text-needle value token, needle image tokens)
   kept, over layers and heads.
 
+``--dtype`` (default float32) and ``--kv-cache-dtype`` (default auto; fp8 variants on x86 CPUs with
+AVX-512 or AMX) set the engine's model and KV cache dtypes; both are recorded in the JSON, and
+scripts/compare_kv_dtypes.py pairs two such files prompt by prompt.
+
 Outputs a table on stdout and JSON at ``--out``. The model must have been trained on the current
 task set (``"tasks"`` in its madakv_proxy_vlm.json); otherwise the script exits without scoring.
 Timing (2-core CPU, 40 prompts per task, 37 configs, K + 1 tokens each): ~5 min.
@@ -135,6 +139,12 @@ def parse_args(argv=None):
                    help="vLLM's token budget per step: the prefill chunk (small values split the prompts into "
                         "chunks, for prefill_eviction=chunked variants)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32",
+                   help="the model's dtype in vLLM (float32: the proxies' reference; bfloat16 for 'fp8 against "
+                        "bf16' KV cache comparisons). The retained-mass part always runs in float32")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="vLLM's kv_cache_dtype: auto (the model's dtype) or fp8 / fp8_e4m3 / fp8_e5m2 (CPU: x86 "
+                        "with AVX-512 or AMX; the proxies carry no KV scales, so every layer's scale is 1.0)")
     p.add_argument("--max-minutes", type=float, default=40.0, help="stop starting new configs after this")
     p.add_argument("--out", type=Path, default=REPO / "models" / "proxy-eval.json")
     args = p.parse_args(argv)
@@ -170,7 +180,8 @@ def run_vllm(args, samples, configs, vocab: int):
         additional_config={"madakv": {"policy": "full", "page_aligned": False}},
         enforce_eager=True,
         block_size=32,
-        dtype="float32",
+        dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         seed=0,
         max_model_len=4096,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -439,6 +450,10 @@ def merge_runs(args) -> dict:
                     else run[key] == first[key])
             if not same:
                 sys.exit(f"{path}: {key} {run[key]!r} differs from {args.merge[0]}'s {first[key]!r}")
+        for key, default in (("dtype", "float32"), ("kv_cache_dtype", "auto")):  # absent: files from before
+            if run.get(key, default) != first.get(key, default):
+                sys.exit(f"{path}: {key} {run.get(key, default)!r} differs from {args.merge[0]}'s "
+                         f"{first.get(key, default)!r} (compare such runs with scripts/compare_kv_dtypes.py)")
         if run["table"]["full@None"]["acc_per_sample"] != first["table"]["full@None"]["acc_per_sample"]:
             sys.exit(f"{path}: the full cache answered differently: not the same prompts or model")
     table, variants = {}, {}
@@ -532,6 +547,7 @@ def main(argv=None) -> None:
         "assets": json.loads((args.model / pt.MODEL_INFO).read_text()) if (args.model / pt.MODEL_INFO).is_file() else None,
         "n_per_task": args.n_per_task, "images": list(args.images), "prompt_tokens": lengths,
         "mass_per_task": args.mass_per_task, "max_num_batched_tokens": args.max_num_batched_tokens, "budgets": args.budgets, "policies": args.policies,
+        "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
         "seconds": {"vllm": round(vllm_s, 1), "mass": round(mass_s, 1)},
         "table": table,
         "paired": paired,
