@@ -22,13 +22,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from madakv_eval.tiny_models import _random_state_dict
 from madakv_eval.zoo import TinyFamily
-from madakv_eval.zoo.llava_onevision import (
+from madakv_eval.zoo.common import (
+    HEAD_DIM,
+    IMAGE_PART_TYPES,
+    TINY_RECORD,
+    VISION_TOWER,
+    build_model_dir,
+    embed_ids,
+    generation_config,
     make_tokenizer,
-    render_parts,
-    vllm_prompt,
-    write_model_dir,
+    render_prompt,
+    text_config,
+    token_ids,
 )
 
 FAMILY = TinyFamily(
@@ -44,12 +50,6 @@ LONGEST_EDGE = 64  # images are resized to this longest edge before splitting
 PATCH_SIZE = 4
 SCALE_FACTOR = 2
 IMAGE_SEQ_LEN = (TILE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
-LAYERS = 2
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = 64
-HIDDEN = HEADS * HEAD_DIM
-MAX_POS = 32768
 
 BOS = "<|im_start|>"
 EOS = "<end_of_utterance>"
@@ -60,7 +60,6 @@ GLOBAL_IMAGE_TOKEN = "<global-img>"
 # The processor looks up <row_i_col_j> for a grid of up to 6 x 6 tiles.
 ROW_COL_TOKENS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
 
-_IMAGE_PART_TYPES = "['image', 'image_url', 'input_image', 'image_pil', 'image_embeds']"
 # SmolVLM's format: "<|im_start|>User:...<end_of_utterance>\nAssistant:".
 CHAT_TEMPLATE = (
     "{{- bos_token -}}\n"
@@ -69,7 +68,7 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{- message['content'] -}}\n"
     "{%- else -%}{%- for part in message['content'] -%}\n"
     "{%- if part['type'] in ['text', 'input_text'] -%}{{- part['text'] -}}\n"
-    f"{{%- elif part['type'] in {_IMAGE_PART_TYPES} -%}}{{{{- '{IMAGE_TOKEN}' -}}}}\n"
+    f"{{%- elif part['type'] in {IMAGE_PART_TYPES} -%}}{{{{- '{IMAGE_TOKEN}' -}}}}\n"
     "{%- endif -%}{%- endfor -%}{%- endif -%}\n"
     "{{- '<end_of_utterance>\\n' -}}\n"
     "{%- endfor -%}\n"
@@ -86,43 +85,25 @@ def _tokenizer():
 
 
 def embed_token_ids(tokenizer) -> dict[str, int]:
-    return {"image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
+    return embed_ids(tokenizer, {"image": IMAGE_TOKEN})
 
 
 def prompt(parts: list) -> dict:
-    text, media = render_parts(parts, {"image": IMAGE_TOKEN})
-    return vllm_prompt(BOS + "User:" + text + EOS + "\nAssistant:", media)
+    return render_prompt(parts, {"image": IMAGE_TOKEN}, BOS + "User:", EOS + "\nAssistant:")
 
 
 def build(out_dir: Path, *, seed: int = 0) -> Path:
     import transformers as tf
 
     tokenizer = _tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD, IMAGE_TOKEN)}
-    text = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
+    ids = token_ids(tokenizer, (PAD, IMAGE_TOKEN))
+    text = tf.LlamaConfig(**text_config(
+        tokenizer, bos=BOS, eos=EOS, pad=PAD,
         head_dim=HEAD_DIM,
-        max_position_embeddings=MAX_POS,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
-        tie_word_embeddings=False,
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-    )
-    vision = tf.Idefics3VisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=TILE,
-        patch_size=PATCH_SIZE,
-    )
+    ))
+    vision = tf.Idefics3VisionConfig(**VISION_TOWER, image_size=TILE, patch_size=PATCH_SIZE)
     config = tf.Idefics3Config(
         vision_config=vision,
         text_config=text,
@@ -131,9 +112,6 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
         pad_token_id=ids[PAD],
         tie_word_embeddings=False,
     )
-    config.architectures = [FAMILY.architecture]
-    config.dtype = FAMILY.dtype
-    state = _random_state_dict(tf.Idefics3ForConditionalGeneration, config, FAMILY.dtype, seed)
 
     image_processor = tf.Idefics3ImageProcessor(
         size={"longest_edge": LONGEST_EDGE},
@@ -147,9 +125,8 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
         chat_template=CHAT_TEMPLATE,
     )
     assert len(tokenizer) == config.text_config.vocab_size, "the processor added tokens"
-    return write_model_dir(
-        out_dir, config=config, state_dict=state, tokenizer=tokenizer, processor=processor,
-        generation={"bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD]},
-        info={"family": FAMILY.name, "seed": seed, "vocab_size": len(tokenizer),
-              "num_parameters": int(sum(t.numel() for t in state.values()))},
+    return build_model_dir(
+        FAMILY, out_dir, seed=seed, model_cls=tf.Idefics3ForConditionalGeneration, config=config,
+        tokenizer=tokenizer, processor=processor,
+        generation=generation_config(tokenizer, bos=BOS, eos=EOS, pad=PAD), record=TINY_RECORD,
     )

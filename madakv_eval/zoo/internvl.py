@@ -18,23 +18,24 @@ frame arrays (no metadata needed); :func:`video_data_url` gives the mp4 for the 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from madakv_eval.prompts import make_image, make_video
-from madakv_eval.tiny_models import (
-    _CHATML_TEMPLATE,
-    _CLIP_MEAN,
-    _CLIP_STD,
-    _IMAGE_PART_TYPES,
-    _random_state_dict,
-    train_tokenizer_json,
-)
+from madakv_eval.tiny_models import _CHATML_TEMPLATE, _CLIP_MEAN, _CLIP_STD
 from madakv_eval.zoo import TinyFamily
-from madakv_eval.zoo.qwen2_5_vl import video_data_url  # noqa: F401 (same mp4 encoding here)
+from madakv_eval.zoo.common import (
+    ENDOFTEXT,
+    IM_END,
+    IMAGE_PART_TYPES,
+    ZOO_RECORD,
+    build_model_dir,
+    chatml_generation,
+    chatml_prompt,
+    embed_ids,
+    make_tokenizer,
+    qwen2_text_config,
+    video_data_url,  # noqa: F401 (this family's too: the same mp4 encoding)
+)
 
 FAMILY = TinyFamily(
     name="internvl",
@@ -44,13 +45,6 @@ FAMILY = TinyFamily(
     dtype="float32",
 )
 
-LAYERS = 2
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = 64
-HIDDEN = HEADS * HEAD_DIM  # vLLM's Qwen2 derives head_dim as hidden // heads
-MAX_POSITIONS = 32768
-ROPE_THETA = 1_000_000.0
 VISION_LAYERS = 2
 VISION_HIDDEN = 64
 VISION_HEADS = 2
@@ -69,83 +63,19 @@ NAMED_TOKENS = {
     "context_image_token": IMAGE_CONTEXT,
     "video_token": VIDEO,
 }
-CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+#: What a media item is in the prompt (the processor expands it).
+MEDIA_PROMPT = {"image": IMAGE_CONTEXT + "\n", "video": VIDEO + "\n"}
 
 
 def chat_template() -> str:
-    return (_CHATML_TEMPLATE.replace("IMAGE_TYPES", _IMAGE_PART_TYPES)
+    return (_CHATML_TEMPLATE.replace("IMAGE_TYPES", IMAGE_PART_TYPES)
             .replace("IMAGE", f"'{IMAGE_CONTEXT}\\n'").replace("VIDEO", f"'{VIDEO}\\n'"))
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer.from_str(train_tokenizer_json())
     # Appended after the shared vocabulary, so the shared tokens keep their ids.
-    tok.add_special_tokens(list(NAMED_TOKENS.values()))
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        extra_special_tokens=dict(NAMED_TOKENS),
-        model_max_length=MAX_POSITIONS,
-        clean_up_tokenization_spaces=False,
-    )
-    hf.chat_template = chat_template()
-    return hf
-
-
-def _configs(vocab_size: int, ids: dict[str, int]):
-    import transformers as tf
-
-    text = tf.Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        use_sliding_window=False,
-        sliding_window=None,
-        max_window_layers=LAYERS,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-    )
-    # vLLM builds the language model from text_config's own architecture.
-    text.architectures = ["Qwen2ForCausalLM"]
-    vision = tf.InternVLVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=VISION_HEADS,
-        intermediate_size=2 * VISION_HIDDEN,
-        image_size=[TILE, TILE],
-        patch_size=[PATCH, PATCH],
-        norm_type="layer_norm",
-        use_qk_norm=False,
-        use_mean_pooling=True,  # as InternVL3 is released: no LayerNorm after the last layer
-    )
-    cfg = tf.InternVLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids[IMAGE_CONTEXT],
-        image_seq_length=TOKENS_PER_TILE,
-        downsample_ratio=DOWNSAMPLE,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )
-    cfg.architectures = [FAMILY.architecture]
-    return cfg, tf.InternVLForConditionalGeneration
+    return make_tokenizer(list(NAMED_TOKENS.values()), bos=None, eos=IM_END, pad=ENDOFTEXT,
+                          named=NAMED_TOKENS, chat_template=chat_template())
 
 
 def _processor(tokenizer):
@@ -164,64 +94,46 @@ def _processor(tokenizer):
 
 
 def build(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    import torch
-    from safetensors.torch import save_file
+    import transformers as tf
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tokenizer = _tokenizer()
-        ids = {t: tokenizer.convert_tokens_to_ids(t)
-               for t in (*CHATML_TOKENS, *NAMED_TOKENS.values())}
-        config, model_cls = _configs(len(tokenizer), ids)
-        config.dtype = FAMILY.dtype
-        sd = _random_state_dict(model_cls, config, FAMILY.dtype, seed)
-        with torch.no_grad():
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-            "pad_token_id": ids["<|endoftext|>"],
-        }, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(tmp)
-        _processor(tokenizer).save_pretrained(tmp)
-        (tmp / "madakv_zoo_model.json").write_text(json.dumps({
-            "family": FAMILY.name, "seed": seed, "vocab_size": len(tokenizer),
-            "num_parameters": int(sum(t.numel() for t in sd.values())),
-            "image_tokens_64x64": TOKENS_PER_TILE, "video_tokens_4x64x64": 4 * TOKENS_PER_TILE,
-        }, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    tokenizer = _tokenizer()
+    text = tf.Qwen2Config(**qwen2_text_config(tokenizer))
+    # vLLM builds the language model from text_config's own architecture.
+    text.architectures = ["Qwen2ForCausalLM"]
+    vision = tf.InternVLVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        intermediate_size=2 * VISION_HIDDEN,
+        image_size=[TILE, TILE],
+        patch_size=[PATCH, PATCH],
+        norm_type="layer_norm",
+        use_qk_norm=False,
+        use_mean_pooling=True,  # as InternVL3 is released: no LayerNorm after the last layer
+    )
+    config = tf.InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT),
+        image_seq_length=TOKENS_PER_TILE,
+        downsample_ratio=DOWNSAMPLE,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    return build_model_dir(
+        FAMILY, out_dir, seed=seed, model_cls=tf.InternVLForConditionalGeneration, config=config,
+        tokenizer=tokenizer, processor=_processor(tokenizer), generation=chatml_generation(tokenizer),
+        record=ZOO_RECORD,
+        record_extra={"image_tokens_64x64": TOKENS_PER_TILE,
+                      "video_tokens_4x64x64": 4 * TOKENS_PER_TILE},
+    )
 
 
 def prompt(parts: list) -> dict:
-    text, media = "", {"image": [], "video": []}
-    for part in parts:
-        if isinstance(part, str):
-            text += part
-            continue
-        modality, seed = part
-        if modality == "image":
-            text += IMAGE_CONTEXT + "\n"
-            media["image"].append(make_image(seed))
-        elif modality == "video":
-            text += VIDEO + "\n"
-            media["video"].append(make_video(seed))
-        else:
-            raise ValueError(f"InternVL takes images and videos, not {modality!r}")
-    out = {"prompt": SYSTEM + "<|im_start|>user\n" + text + "<|im_end|>\n<|im_start|>assistant\n"}
-    if any(media.values()):
-        out["multi_modal_data"] = {k: v for k, v in media.items() if v}
-    return out
+    return chatml_prompt(parts, MEDIA_PROMPT, system=True)
 
 
 def embed_token_ids(tokenizer) -> dict[str, int]:
-    return {"image": tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT),
-            "video": tokenizer.convert_tokens_to_ids(VIDEO)}
+    return embed_ids(tokenizer, {"image": IMAGE_CONTEXT, "video": VIDEO})

@@ -25,13 +25,20 @@ images here are cut into several tiles; images of 32 x 32 pixels or less still h
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from madakv_eval.tiny_models import _IMAGE_PART_TYPES
 from madakv_eval.zoo import TinyFamily
+from madakv_eval.zoo.common import (
+    HEAD_DIM,
+    HIDDEN,
+    IMAGE_PART_TYPES,
+    build_model_dir,
+    embed_ids,
+    generation_config,
+    make_tokenizer,
+    render_prompt,
+    text_config,
+)
 
 FAMILY = TinyFamily(
     name="llama4",
@@ -43,10 +50,6 @@ FAMILY = TinyFamily(
 
 LAYER_TYPES = (("chunked_attention",) * 3 + ("full_attention",)) * 2
 ATTENTION_CHUNK_SIZE = 64
-HIDDEN = 256
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = 64
 TILE_SIZE = 32
 PATCH_SIZE = 4
 PIXEL_SHUFFLE_RATIO = 0.5
@@ -75,48 +78,23 @@ CHAT_TEMPLATE = """{{- bos_token -}}
     {{- '<|eot|>' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|header_start|>assistant<|header_end|>\\n\\n' -}}{%- endif -%}
-""".replace("IMAGE_TYPES", _IMAGE_PART_TYPES)
+""".replace("IMAGE_TYPES", IMAGE_PART_TYPES)
 
 
 def _tokenizer():
-    from tokenizers import AddedToken, Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from madakv_eval.tiny_models import train_tokenizer_json
-
-    tok = Tokenizer.from_str(train_tokenizer_json())
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-        special_tokens=[(BOS, tok.token_to_id(BOS))],
-    )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=None,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
-        model_max_length=32768,
-        clean_up_tokenization_spaces=False,
-    )
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
+    return make_tokenizer(SPECIAL_TOKENS, bos=BOS, eos=EOS, pad=PAD, add_bos=True,
+                          chat_template=CHAT_TEMPLATE)
 
 
-def _config(vocab_size: int, ids: dict[str, int]):
+def _config(tokenizer):
     import transformers as tf
 
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN,
+    text = text_config(
+        tokenizer, bos=BOS, eos=[EOS, EOT], pad=PAD,
         intermediate_size=2 * HIDDEN,  # experts' size; unused without MoE layers
         intermediate_size_mlp=2 * HIDDEN,
         num_hidden_layers=len(LAYER_TYPES),
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
         head_dim=HEAD_DIM,
-        max_position_embeddings=32768,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
         # 1 = RoPE + chunked local attention, 0 = NoPE + global attention.
@@ -129,10 +107,6 @@ def _config(vocab_size: int, ids: dict[str, int]):
         num_experts_per_tok=1,
         use_qk_norm=True,
         attn_temperature_tuning=True,
-        bos_token_id=ids[BOS],
-        eos_token_id=[ids[EOS], ids[EOT]],
-        pad_token_id=ids[PAD],
-        tie_word_embeddings=False,
     )
     vision_hidden = 64
     vision = dict(
@@ -149,16 +123,14 @@ def _config(vocab_size: int, ids: dict[str, int]):
         vision_output_dim=128,
         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
     )
-    cfg = tf.Llama4Config(
+    return tf.Llama4Config(
         text_config=text,
         vision_config=vision,
-        boi_token_index=ids[IMAGE_START],
-        eoi_token_index=ids[IMAGE_END],
-        image_token_index=ids[PATCH],
+        boi_token_index=tokenizer.convert_tokens_to_ids(IMAGE_START),
+        eoi_token_index=tokenizer.convert_tokens_to_ids(IMAGE_END),
+        image_token_index=tokenizer.convert_tokens_to_ids(PATCH),
         tie_word_embeddings=False,
     )
-    cfg.architectures = ["Llama4ForConditionalGeneration"]
-    return cfg
 
 
 def _processor(tokenizer):
@@ -182,61 +154,22 @@ def _processor(tokenizer):
 
 def build(out_dir: Path, *, seed: int = 0) -> Path:
     """Build the tiny Llama 4 into ``out_dir`` (replaced if it exists); returns its path."""
-    import torch
     import transformers as tf
-    from safetensors.torch import save_file
 
-    from madakv_eval.tiny_models import _random_state_dict
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tokenizer = _tokenizer()
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        config = _config(len(tokenizer), ids)
-        config.dtype = FAMILY.dtype
-        sd = _random_state_dict(tf.Llama4ForConditionalGeneration, config, FAMILY.dtype, seed)
-        with torch.no_grad():
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": ids[BOS],
-            "eos_token_id": [ids[EOS], ids[EOT]],
-            "pad_token_id": ids[PAD],
-        }, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(tmp)
-        _processor(tokenizer).save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    tokenizer = _tokenizer()
+    return build_model_dir(
+        FAMILY, out_dir, seed=seed, model_cls=tf.Llama4ForConditionalGeneration,
+        config=_config(tokenizer), tokenizer=tokenizer, processor=_processor(tokenizer),
+        generation=generation_config(tokenizer, bos=BOS, eos=[EOS, EOT], pad=PAD),
+    )
 
 
 def prompt(parts: list) -> dict:
     """A user turn in Llama 4's chat format; each image is one ``<|image|>``."""
-    from madakv_eval.prompts import make_media
-
-    text, images = "", []
-    for part in parts:
-        if isinstance(part, str):
-            text += part
-            continue
-        modality, seed = part
-        if modality != "image":
-            raise ValueError(f"llama4 takes images only, not {modality!r}")
-        text += IMAGE
-        images.append(make_media("image", seed))
     # No <|begin_of_text|> here: the tokenizer prepends it.
-    turn = f"{HEADER_START}user{HEADER_END}\n\n{text}{EOT}"
-    out = {"prompt": f"{turn}{HEADER_START}assistant{HEADER_END}\n\n"}
-    if images:
-        out["multi_modal_data"] = {"image": images}
-    return out
+    return render_prompt(parts, {"image": IMAGE}, f"{HEADER_START}user{HEADER_END}\n\n",
+                         f"{EOT}{HEADER_START}assistant{HEADER_END}\n\n")
 
 
 def embed_token_ids(tokenizer) -> dict[str, int]:
-    return {"image": tokenizer.convert_tokens_to_ids(PATCH)}
+    return embed_ids(tokenizer, {"image": PATCH})

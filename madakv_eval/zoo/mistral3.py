@@ -23,13 +23,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from madakv_eval.tiny_models import _random_state_dict
 from madakv_eval.zoo import TinyFamily
-from madakv_eval.zoo.llava_onevision import (
+from madakv_eval.zoo.common import (
+    HEAD_DIM,
+    IMAGE_PART_TYPES,
+    TINY_RECORD,
+    VISION_TOWER,
+    build_model_dir,
+    embed_ids,
+    generation_config,
     make_tokenizer,
-    render_parts,
-    vllm_prompt,
-    write_model_dir,
+    render_prompt,
+    text_config,
 )
 
 FAMILY = TinyFamily(
@@ -43,12 +48,6 @@ FAMILY = TinyFamily(
 LONGEST_EDGE = 64
 PATCH_SIZE = 4
 SPATIAL_MERGE = 2
-LAYERS = 2
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = 64
-HIDDEN = HEADS * HEAD_DIM
-MAX_POS = 32768
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 INST, INST_END = "[INST]", "[/INST]"
@@ -56,7 +55,6 @@ IMAGE_TOKEN = "[IMG]"
 IMAGE_BREAK = "[IMG_BREAK]"
 IMAGE_END = "[IMG_END]"
 
-_IMAGE_PART_TYPES = "['image', 'image_url', 'input_image', 'image_pil', 'image_embeds']"
 # Mistral's instruct format: "<s>[INST]user[/INST]assistant</s>[INST]...".
 CHAT_TEMPLATE = (
     "{{- bos_token -}}\n"
@@ -66,7 +64,7 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{- message['content'] -}}\n"
     "{%- else -%}{%- for part in message['content'] -%}\n"
     "{%- if part['type'] in ['text', 'input_text'] -%}{{- part['text'] -}}\n"
-    f"{{%- elif part['type'] in {_IMAGE_PART_TYPES} -%}}{{{{- '{IMAGE_TOKEN}' -}}}}\n"
+    f"{{%- elif part['type'] in {IMAGE_PART_TYPES} -%}}{{{{- '{IMAGE_TOKEN}' -}}}}\n"
     "{%- endif -%}{%- endfor -%}{%- endif -%}\n"
     "{{- close -}}\n"
     "{%- endfor -%}"
@@ -81,42 +79,27 @@ def _tokenizer():
 
 
 def embed_token_ids(tokenizer) -> dict[str, int]:
-    return {"image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
+    return embed_ids(tokenizer, {"image": IMAGE_TOKEN})
 
 
 def prompt(parts: list) -> dict:
     # No "<s>": the tokenizer prepends it (vLLM tokenizes text prompts with special tokens).
-    text, media = render_parts(parts, {"image": IMAGE_TOKEN})
-    return vllm_prompt(INST + text + INST_END, media)
+    return render_prompt(parts, {"image": IMAGE_TOKEN}, INST, INST_END)
 
 
 def build(out_dir: Path, *, seed: int = 0) -> Path:
     import transformers as tf
 
     tokenizer = _tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD, IMAGE_TOKEN)}
-    text = tf.MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
+    text = tf.MistralConfig(**text_config(
+        tokenizer, bos=BOS, eos=EOS, pad=PAD,
         head_dim=HEAD_DIM,
-        max_position_embeddings=MAX_POS,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         sliding_window=None,
-        tie_word_embeddings=False,
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-    )
+    ))
     vision = tf.PixtralVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **VISION_TOWER,
         image_size=LONGEST_EDGE,
         patch_size=PATCH_SIZE,
         hidden_act="silu",
@@ -125,16 +108,13 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
     config = tf.Mistral3Config(
         vision_config=vision,
         text_config=text,
-        image_token_index=ids[IMAGE_TOKEN],
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         spatial_merge_size=SPATIAL_MERGE,
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
         multimodal_projector_bias=False,
         tie_word_embeddings=False,
     )
-    config.architectures = [FAMILY.architecture]
-    config.dtype = FAMILY.dtype
-    state = _random_state_dict(tf.Mistral3ForConditionalGeneration, config, FAMILY.dtype, seed)
 
     image_processor = tf.PixtralImageProcessor(
         size={"longest_edge": LONGEST_EDGE},
@@ -145,9 +125,8 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
         spatial_merge_size=SPATIAL_MERGE, chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN, image_break_token=IMAGE_BREAK, image_end_token=IMAGE_END,
     )
-    return write_model_dir(
-        out_dir, config=config, state_dict=state, tokenizer=tokenizer, processor=processor,
-        generation={"bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD]},
-        info={"family": FAMILY.name, "seed": seed, "vocab_size": len(tokenizer),
-              "num_parameters": int(sum(t.numel() for t in state.values()))},
+    return build_model_dir(
+        FAMILY, out_dir, seed=seed, model_cls=tf.Mistral3ForConditionalGeneration, config=config,
+        tokenizer=tokenizer, processor=processor,
+        generation=generation_config(tokenizer, bos=BOS, eos=EOS, pad=PAD), record=TINY_RECORD,
     )

@@ -25,15 +25,21 @@ import io
 from pathlib import Path
 
 from madakv_eval.prompts import make_audio
-from madakv_eval.tiny_models import _random_state_dict
 from madakv_eval.zoo import TinyFamily
-from madakv_eval.zoo.llava_onevision import (
+from madakv_eval.zoo.common import (
+    CHATML_TOKENS,
+    DEFAULT_SYSTEM,
+    ENDOFTEXT,
+    IM_END,
+    TINY_RECORD,
+    build_model_dir,
+    chatml_generation,
+    chatml_prompt,
     chatml_template,
+    embed_ids,
     make_tokenizer,
+    qwen2_text_config,
     rename_prefix,
-    render_parts,
-    vllm_prompt,
-    write_model_dir,
 )
 
 FAMILY = TinyFamily(
@@ -48,18 +54,13 @@ SAMPLING_RATE = 16000
 HOP_LENGTH = 160
 CHUNK_SECONDS = 30  # fixed: vLLM's Qwen2-Audio input schema wants 3000 mel frames
 MEL_BINS = 80
-LAYERS = 2
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = 64
-HIDDEN = HEADS * HEAD_DIM
-MAX_POS = 32768
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS = "<|audio_bos|>"
 AUDIO_EOS = "<|audio_eos|>"
 AUDIO_PROMPT = AUDIO_BOS + AUDIO_TOKEN + AUDIO_EOS
-_CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# transformers 5 nests everything under model.*; vLLM 0.32's Qwen2-Audio loads the layout the
+# published checkpoints use (audio_tower.*, multi_modal_projector.*, language_model.*).
 _VLLM_PREFIXES = (
     ("model.audio_tower.", "audio_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -98,44 +99,30 @@ def wav_base64(seed: int) -> str:
 
 
 def _tokenizer():
-    template = chatml_template({"audio": AUDIO_PROMPT},
-                               default_system="You are a helpful assistant.")
-    return make_tokenizer([*_CHATML, AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS], bos=None, eos="<|im_end|>",
-                          pad="<|endoftext|>", chat_template=template)
+    template = chatml_template({"audio": AUDIO_PROMPT}, default_system=DEFAULT_SYSTEM)
+    return make_tokenizer([*CHATML_TOKENS, AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS], bos=None, eos=IM_END,
+                          pad=ENDOFTEXT, chat_template=template)
 
 
 def embed_token_ids(tokenizer) -> dict[str, int]:
-    return {"audio": tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)}
+    return embed_ids(tokenizer, {"audio": AUDIO_TOKEN})
 
 
 def prompt(parts: list) -> dict:
-    text, media = render_parts(parts, {"audio": AUDIO_PROMPT})
-    return vllm_prompt("<|im_start|>user\n" + text + "<|im_end|>\n<|im_start|>assistant\n", media)
+    return chatml_prompt(parts, {"audio": AUDIO_PROMPT})
+
+
+def _to_checkpoint(state: dict) -> dict:
+    for old, new in _VLLM_PREFIXES:
+        state = rename_prefix(state, old, new)
+    return state
 
 
 def build(out_dir: Path, *, seed: int = 0) -> Path:
     import transformers as tf
 
     tokenizer = _tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*_CHATML, AUDIO_TOKEN)}
-    text = tf.Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=MAX_POS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        use_sliding_window=False,
-        sliding_window=None,
-        max_window_layers=LAYERS,
-        tie_word_embeddings=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    text = tf.Qwen2Config(**qwen2_text_config(tokenizer))
     mel_frames = CHUNK_SECONDS * SAMPLING_RATE // HOP_LENGTH
     audio = tf.Qwen2AudioEncoderConfig(
         num_mel_bins=MEL_BINS,
@@ -146,14 +133,7 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
         max_source_positions=mel_frames // 2,  # the conv stem's stride 2
     )
     config = tf.Qwen2AudioConfig(audio_config=audio, text_config=text,
-                                 audio_token_index=ids[AUDIO_TOKEN])
-    config.architectures = [FAMILY.architecture]
-    config.dtype = FAMILY.dtype
-    state = _random_state_dict(tf.Qwen2AudioForConditionalGeneration, config, FAMILY.dtype, seed)
-    # transformers 5 nests everything under model.*; vLLM 0.32's Qwen2-Audio loads the layout
-    # the published checkpoints use (audio_tower.*, multi_modal_projector.*, language_model.*).
-    for old, new in _VLLM_PREFIXES:
-        state = rename_prefix(state, old, new)
+                                 audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
 
     feature_extractor = tf.WhisperFeatureExtractor(
         feature_size=MEL_BINS, sampling_rate=SAMPLING_RATE, hop_length=HOP_LENGTH,
@@ -164,11 +144,8 @@ def build(out_dir: Path, *, seed: int = 0) -> Path:
         chat_template=tokenizer.chat_template,
         audio_token=AUDIO_TOKEN, audio_bos_token=AUDIO_BOS, audio_eos_token=AUDIO_EOS,
     )
-    return write_model_dir(
-        out_dir, config=config, state_dict=state, tokenizer=tokenizer, processor=processor,
-        generation={"bos_token_id": ids["<|endoftext|>"],
-                    "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                    "pad_token_id": ids["<|endoftext|>"]},
-        info={"family": FAMILY.name, "seed": seed, "vocab_size": len(tokenizer),
-              "num_parameters": int(sum(t.numel() for t in state.values()))},
+    return build_model_dir(
+        FAMILY, out_dir, seed=seed, model_cls=tf.Qwen2AudioForConditionalGeneration,
+        config=config, tokenizer=tokenizer, processor=processor,
+        generation=chatml_generation(tokenizer), to_checkpoint=_to_checkpoint, record=TINY_RECORD,
     )

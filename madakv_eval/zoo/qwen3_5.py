@@ -28,12 +28,24 @@ Qwen's split regex, which the shared tiny tokenizer is compatible with.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from madakv_eval.zoo import TinyFamily
+from madakv_eval.zoo.common import (
+    ENDOFTEXT,
+    HEAD_DIM,
+    HIDDEN,
+    IM_END,
+    QWEN_EMBED_TOKENS,
+    VIDEO_FPS,
+    build_model_dir,
+    embed_ids,
+    generation_config,
+    qwen_tokenizer,
+    qwen_vision_token_ids,
+    qwen_vl_prompt,
+    text_config,
+)
 
 FAMILY = TinyFamily(
     name="qwen3_5",
@@ -44,10 +56,6 @@ FAMILY = TinyFamily(
 )
 
 LAYER_TYPES = (("linear_attention",) * 3 + ("full_attention",)) * 2
-HIDDEN = 256
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = 64
 LINEAR_KEY_HEADS = 2
 LINEAR_VALUE_HEADS = 4
 LINEAR_HEAD_DIM = 64
@@ -56,54 +64,24 @@ MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 MIN_IMAGE_TOKENS = 16
 MAX_IMAGE_TOKENS = 64
-VIDEO_FPS = 2.0  # what the video metadata passed to vLLM claims
-
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 
 _MEAN = [0.5, 0.5, 0.5]
 _STD = [0.5, 0.5, 0.5]
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from madakv_eval.tiny_models import SPECIAL_TOKENS, chat_template, train_tokenizer_json
-
-    specials = {"eos_token": IM_END, "pad_token": ENDOFTEXT}
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(train_tokenizer_json()),
-        bos_token=None,
-        unk_token=None,
-        **specials,
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in specials.values()],
-        model_max_length=32768,
-        clean_up_tokenization_spaces=False,
-    )
-    hf.chat_template = chat_template("qwen2vl")  # ChatML with Qwen's vision placeholders
-    return hf
-
-
-def _config(vocab_size: int, ids: dict[str, int]):
+def _config(tokenizer):
     import transformers as tf
 
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
+    text = text_config(
+        tokenizer, bos=None, eos=IM_END, pad=ENDOFTEXT,
         num_hidden_layers=len(LAYER_TYPES),
         layer_types=list(LAYER_TYPES),
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
         head_dim=HEAD_DIM,
         linear_num_key_heads=LINEAR_KEY_HEADS,
         linear_num_value_heads=LINEAR_VALUE_HEADS,
         linear_key_head_dim=LINEAR_HEAD_DIM,
         linear_value_head_dim=LINEAR_HEAD_DIM,
         linear_conv_kernel_dim=4,
-        max_position_embeddings=32768,
         rms_norm_eps=1e-6,
         rope_parameters={
             "rope_type": "default",
@@ -113,10 +91,6 @@ def _config(vocab_size: int, ids: dict[str, int]):
             "mrope_section": [3, 3, 2],
             "mrope_interleaved": True,
         },
-        bos_token_id=None,
-        eos_token_id=ids[IM_END],
-        pad_token_id=ids[ENDOFTEXT],
-        tie_word_embeddings=False,
     )
     vision = dict(
         depth=2,
@@ -130,17 +104,12 @@ def _config(vocab_size: int, ids: dict[str, int]):
         out_hidden_size=HIDDEN,
         num_position_embeddings=64,  # an 8 x 8 grid of learned positions, interpolated
     )
-    cfg = tf.Qwen3_5Config(
+    return tf.Qwen3_5Config(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
+        **qwen_vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
-    cfg.architectures = ["Qwen3_5ForConditionalGeneration"]
-    return cfg
 
 
 def _processor(tokenizer):
@@ -172,79 +141,21 @@ def _processor(tokenizer):
 
 def build(out_dir: Path, *, seed: int = 0) -> Path:
     """Build the tiny Qwen3.5 into ``out_dir`` (replaced if it exists); returns its path."""
-    import torch
     import transformers as tf
-    from safetensors.torch import save_file
 
-    from madakv_eval.tiny_models import SPECIAL_TOKENS, _random_state_dict
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tokenizer = _tokenizer()
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        config = _config(len(tokenizer), ids)
-        config.dtype = FAMILY.dtype
-        sd = _random_state_dict(tf.Qwen3_5ForConditionalGeneration, config, FAMILY.dtype, seed)
-        with torch.no_grad():
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
-            "pad_token_id": ids[ENDOFTEXT],
-        }, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(tmp)
-        _processor(tokenizer).save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _video_item(seed: int):
-    """``make_video`` frames with the metadata vLLM's Qwen3-VL processor needs for timestamps."""
-    from madakv_eval.prompts import make_media
-
-    frames = make_media("video", seed)
-    n = int(frames.shape[0])
-    return frames, {
-        "fps": VIDEO_FPS,
-        "duration": n / VIDEO_FPS,
-        "total_num_frames": n,
-        "frames_indices": list(range(n)),
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
+    tokenizer = qwen_tokenizer()  # ChatML with Qwen's vision placeholders
+    return build_model_dir(
+        FAMILY, out_dir, seed=seed, model_cls=tf.Qwen3_5ForConditionalGeneration,
+        config=_config(tokenizer), tokenizer=tokenizer, processor=_processor(tokenizer),
+        generation=generation_config(tokenizer, bos=None, eos=[IM_END, ENDOFTEXT], pad=ENDOFTEXT),
+    )
 
 
 def prompt(parts: list) -> dict:
-    """A user turn in ChatML; images and videos as Qwen's vision placeholders."""
-    from madakv_eval.prompts import make_media
-
-    text, media = "", {"image": [], "video": []}
-    for part in parts:
-        if isinstance(part, str):
-            text += part
-            continue
-        modality, seed = part
-        if modality == "image":
-            text += f"{VISION_START}{IMAGE_PAD}{VISION_END}"
-            media["image"].append(make_media("image", seed))
-        elif modality == "video":
-            text += f"{VISION_START}{VIDEO_PAD}{VISION_END}"
-            media["video"].append(_video_item(seed))
-        else:
-            raise ValueError(f"qwen3_5 takes images and videos, not {modality!r}")
-    out = {"prompt": f"{IM_START}user\n{text}{IM_END}\n{IM_START}assistant\n"}
-    if any(media.values()):
-        out["multi_modal_data"] = {m: items for m, items in media.items() if items}
-    return out
+    """A user turn in ChatML (no system turn); images and videos as Qwen's vision placeholders,
+    videos with the metadata vLLM's Qwen3-VL processor needs for their timestamps."""
+    return qwen_vl_prompt(parts, system=False)
 
 
 def embed_token_ids(tokenizer) -> dict[str, int]:
-    return {"image": tokenizer.convert_tokens_to_ids(IMAGE_PAD),
-            "video": tokenizer.convert_tokens_to_ids(VIDEO_PAD)}
+    return embed_ids(tokenizer, QWEN_EMBED_TOKENS)

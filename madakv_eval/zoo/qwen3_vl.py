@@ -21,13 +21,18 @@ from pathlib import Path
 
 from madakv_eval.tiny_models import _CLIP_MEAN, _CLIP_STD, chat_template
 from madakv_eval.zoo import TinyFamily
-# Same tokenizer, placeholders and video encoding as Qwen2.5-VL: embed_token_ids and
-# video_data_url are this family's too.
-from madakv_eval.zoo.qwen2_5_vl import (  # noqa: F401
+from madakv_eval.zoo.common import (
+    ENDOFTEXT,
+    HEAD_DIM,
+    HIDDEN,
+    IM_END,
+    QWEN_EMBED_TOKENS,
     build_qwen_vl,
-    chatml_prompt,
-    embed_token_ids,
-    video_data_url,
+    embed_ids,
+    qwen_vision_token_ids,
+    qwen_vl_prompt,
+    text_config,
+    video_data_url,  # noqa: F401 (this family's mp4 encoding for the OpenAI API)
 )
 
 FAMILY = TinyFamily(
@@ -38,12 +43,6 @@ FAMILY = TinyFamily(
     dtype="float32",
 )
 
-LAYERS = 2
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = 64
-HIDDEN = HEADS * HEAD_DIM
-MAX_POSITIONS = 32768
 ROPE_THETA = 5_000_000.0
 MROPE_SECTION = [12, 10, 10]  # temporal, height, width frequencies; they sum to head_dim // 2
 VISION_DEPTH = 2
@@ -60,21 +59,12 @@ MAX_TOKENS = 64
 MAX_VIDEO_FRAMES = 4
 
 
-def text_config(vocab_size: int, ids: dict[str, int], **extra) -> dict:
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
+def qwen3_text_config(tokenizer, **extra) -> dict:
+    """The Qwen3 decoder's config arguments (the MoE variant adds its expert settings)."""
+    return text_config(
+        tokenizer, bos=ENDOFTEXT, eos=IM_END, pad=ENDOFTEXT,
         head_dim=HEAD_DIM,
-        max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
         rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
                          "mrope_section": MROPE_SECTION, "mrope_interleaved": True},
         **extra,
@@ -98,19 +88,15 @@ def vision_config() -> dict:
     )
 
 
-def _configs(vocab_size: int, ids: dict[str, int]):
+def _configs(tokenizer):
     import transformers as tf
 
     cfg = tf.Qwen3VLConfig(
-        text_config=text_config(vocab_size, ids),
+        text_config=qwen3_text_config(tokenizer),
         vision_config=vision_config(),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
-    cfg.architectures = [FAMILY.architecture]
     return cfg, tf.Qwen3VLForConditionalGeneration
 
 
@@ -140,4 +126,8 @@ def build(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
 
 
 def prompt(parts: list) -> dict:
-    return chatml_prompt(parts)
+    return qwen_vl_prompt(parts)
+
+
+def embed_token_ids(tokenizer) -> dict[str, int]:
+    return embed_ids(tokenizer, QWEN_EMBED_TOKENS)

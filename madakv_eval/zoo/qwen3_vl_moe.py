@@ -19,12 +19,13 @@ import os
 from pathlib import Path
 
 from madakv_eval.zoo import TinyFamily
-from madakv_eval.zoo.qwen2_5_vl import build_qwen_vl, chatml_prompt
+from madakv_eval.zoo.common import build_qwen_vl, qwen_vision_token_ids
 # Same tokenizer, placeholders, processor and video encoding as the dense Qwen3-VL.
 from madakv_eval.zoo.qwen3_vl import (  # noqa: F401
     embed_token_ids,
     processor,
-    text_config,
+    prompt,
+    qwen3_text_config,
     video_data_url,
     vision_config,
 )
@@ -42,12 +43,12 @@ EXPERTS_PER_TOKEN = 2
 EXPERT_INTERMEDIATE = 64  # 2 * 64 != hidden 256, so a gate_up_proj left untransposed fails to load
 
 
-def _configs(vocab_size: int, ids: dict[str, int]):
+def _configs(tokenizer):
     import transformers as tf
 
     cfg = tf.Qwen3VLMoeConfig(
-        text_config=text_config(
-            vocab_size, ids,
+        text_config=qwen3_text_config(
+            tokenizer,
             num_experts=EXPERTS,
             num_experts_per_tok=EXPERTS_PER_TOKEN,
             moe_intermediate_size=EXPERT_INTERMEDIATE,
@@ -58,13 +59,9 @@ def _configs(vocab_size: int, ids: dict[str, int]):
             norm_topk_prob=True,
         ),
         vision_config=vision_config(),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
-    cfg.architectures = [FAMILY.architecture]
     return cfg, tf.Qwen3VLMoeForConditionalGeneration
 
 
@@ -77,7 +74,3 @@ def build(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
     return build_qwen_vl(FAMILY, _configs, processor, out_dir, seed,
                          {"image_tokens_64x64": 16, "video_tokens_4x64x64": 32},
                          to_checkpoint=_to_checkpoint)
-
-
-def prompt(parts: list) -> dict:
-    return chatml_prompt(parts)
