@@ -46,6 +46,16 @@ first, in-process). ``gemma3`` is built at ``--layers`` text layers in Gemma 3's
     python scripts/bench_capacity.py --family gemma3 --quick                 # both parts
     python scripts/bench_capacity.py --family gemma3 --memory-only           # Part 2 at 2000, 4000, 8000 tokens
     python scripts/bench_capacity.py --family qwen3_5 --quick
+
+``--kv-cache-dtype`` (vLLM's, default ``auto``: the model's dtype) goes to every engine; given several
+(e.g. ``--kv-cache-dtype auto fp8``), both parts run once per KV cache dtype in that order, every
+capacity engine in the SAME pool (sized, whatever the dtypes, for ``--stock-fit`` stock requests at the
+model's dtype, ``kv_bytes_per_token``, so an fp8 stock fits twice as many), ratios to the first dtype's
+stock and to the stock of the engine's own dtype; engines of a dtype other than ``auto`` are named ``<engine>-<dtype>``.
+Part 2 then also gives bytes per request: pages held x page bytes (an fp8 page is half a bf16 page).
+``--family`` takes one dtype (its pool is sized from that dtype's stock).
+
+    python scripts/bench_capacity.py --quick --kv-cache-dtype auto fp8 --out docs/data/bench_capacity_fp8.json
 """
 
 from __future__ import annotations
@@ -267,8 +277,15 @@ def _parse_log(log: Path) -> dict:
     return out
 
 
+def dtype_name(engine: str, kv_cache_dtype: str) -> str:
+    """``stock``, ``madakv``, ``madakv-chunked`` as they were; with another KV cache dtype, ``<engine>-<dtype>``."""
+    return engine if kv_cache_dtype == "auto" else f"{engine}-{kv_cache_dtype}"
+
+
 def run_capacity(name: str, model: Path, args, kv_bytes: int, tm: TextMaker, urls: list[str],
-                 engine_flags: tuple[str, ...] = ()) -> dict:
+                 engine_flags: tuple[str, ...] = (), engine: str | None = None, kv_cache_dtype: str = "auto") -> dict:
+    """``engine`` (``stock``, ``madakv``, ``madakv-chunked``; default ``name``) served with ``kv_cache_dtype``."""
+    engine = engine or name
     port = free_port()
     log = ROOT / "models" / f"bench_capacity_{args.family + '_' if args.family else ''}{name}.log"
     common = ["--max-model-len", str(args.max_model_len), "--block-size", str(BLOCK_SIZE), "--enforce-eager",
@@ -276,9 +293,11 @@ def run_capacity(name: str, model: Path, args, kv_bytes: int, tm: TextMaker, url
               "--limit-mm-per-prompt", json.dumps({"image": args.images}), "--seed", "0", *engine_flags]
     if args.max_num_batched_tokens:  # the same chunks for every engine
         common += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if kv_cache_dtype != "auto":
+        common += ["--kv-cache-dtype", kv_cache_dtype]
     extra = []
-    if name.startswith("madakv"):
-        mode = "chunked" if name.endswith("-chunked") else "end"
+    if engine.startswith("madakv"):
+        mode = "chunked" if engine.endswith("-chunked") else "end"
         cfg = {"madakv": {"policy": args.policy, "budget": args.budget,
                           "recompress_interval": args.recompress_interval, "prefill_eviction": mode}}
         extra = ["--attention-backend", "madakv", "--additional-config", json.dumps(cfg)]
@@ -289,7 +308,7 @@ def run_capacity(name: str, model: Path, args, kv_bytes: int, tm: TextMaker, url
         print(f"[{name}] ready after {started:.0f}s; {args.clients} clients for {args.warmup}+{args.duration}s",
               flush=True)
         res = asyncio.run(_drive(port, str(model), args, tm, urls))
-    res.update(_parse_log(log), startup_s=round(started, 1))
+    res.update(_parse_log(log), startup_s=round(started, 1), kv_cache_dtype=kv_cache_dtype)
     print(f"[{name}] running max {res['running_max']:.0f}, time-avg {res['running_time_avg']:.2f}; "
           f"kv usage max {res['kv_usage_max']:.3f}, time-avg {res['kv_usage_time_avg']:.3f}; "
           f"waiting time-avg {res['waiting_time_avg']:.1f}; completed {res['completed']}; errors {res['errors']}",
@@ -300,7 +319,9 @@ def run_capacity(name: str, model: Path, args, kv_bytes: int, tm: TextMaker, url
 # --- Part 2: held pages per request, in-process ------------------------------------------------
 
 
-def run_memory(model: Path, args, tm: TextMaker) -> list[dict]:
+def run_memory(model: Path, args, tm: TextMaker, kv_cache_dtype: str = "auto") -> list[dict]:
+    import gc
+
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     from vllm import LLM, SamplingParams
@@ -322,6 +343,8 @@ def run_memory(model: Path, args, tm: TextMaker) -> list[dict]:
     prompts = {n: prompt(n, i) for i, n in enumerate(lengths)}
     common = dict(model=str(model), enforce_eager=True, max_model_len=max(lengths) + 1024, block_size=BLOCK_SIZE,
                   seed=0, limit_mm_per_prompt={"image": args.images})
+    if kv_cache_dtype != "auto":
+        common["kv_cache_dtype"] = kv_cache_dtype
 
     def run(llm, reqs: dict) -> dict:
         """reqs: name -> (prompt, params). Returns name -> {prompt_tokens, trace: [(computed, held)]}."""
@@ -348,16 +371,19 @@ def run_memory(model: Path, args, tm: TextMaker) -> list[dict]:
     def params(**extra):
         return SamplingParams(max_tokens=args.memory_decode, temperature=0, ignore_eos=True, extra_args=extra or None)
 
-    print(f"[memory] stock engine, prompt lengths {lengths}", flush=True)
+    print(f"[memory] stock engine, prompt lengths {lengths}, kv cache dtype {kv_cache_dtype}", flush=True)
     stock = LLM(**common)
+    s_page = kv_groups(stock)["groups"][0]["bytes_per_page"]  # one page of every layer, as the engine allocates it
     s_info = run(stock, {f"s{n}": (prompts[n], params()) for n in lengths})
     del stock
     print("[memory] madakv engine", flush=True)
     ours = LLM(**common, attention_backend="madakv",
                additional_config={"madakv": {"policy": args.policy, "budget": 0.2}})
+    m_page = kv_groups(ours)["groups"][0]["bytes_per_page"]
     m_info = run(ours, {f"m{n}_{b}_{a}": (prompts[n], params(madakv_budget=b, madakv_page_aligned=a))
                         for n in lengths for b in BUDGETS for a in (True, False)})
     del ours
+    gc.collect()
 
     rows = []
     for n in lengths:
@@ -385,6 +411,8 @@ def run_memory(model: Path, args, tm: TextMaker) -> list[dict]:
                     "expected_by_accounting": plan.keep_pages + cdiv(computed, BLOCK_SIZE) - c // BLOCK_SIZE,
                     "last_computed_tokens": last_computed, "last_madakv_blocks": last_held,
                     "last_expected_by_accounting": plan.keep_pages + cdiv(last_computed, BLOCK_SIZE) - c // BLOCK_SIZE,
+                    "kv_cache_dtype": kv_cache_dtype, "page_bytes": {"stock": s_page, "madakv": m_page},
+                    "stock_bytes": stock_held * s_page, "madakv_bytes": held * m_page,
                 })
     return rows
 
@@ -398,6 +426,24 @@ def memory_table(rows: list[dict]) -> str:
                      f"{r['retained_per_head']} | {r['stock_blocks']} | {r['madakv_blocks']} | "
                      f"{r['expected_by_accounting']} | {r['ratio_to_budget_x_stock']:.3f} | "
                      f"{r['bound_1_15_budget_stock_plus_1']:.2f} | {'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def memory_bytes_table(rows: list[dict], budget: float) -> str:
+    """Stock and madakv (page-aligned, ``budget``) bytes per request right after compression, every KV
+    cache dtype; ratios to the first dtype's stock at the same prompt."""
+    lines = ["| prompt tokens | engine | kv cache dtype | pages | page bytes | KV bytes per request | / stock (first dtype) |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    picked = [r for r in rows if r["page_aligned"] and r["budget"] == budget]
+    ref = {}
+    for r in picked:
+        ref.setdefault(r["prompt_tokens"], r["stock_bytes"])
+    for r in sorted(picked, key=lambda r: r["prompt_tokens"]):  # stable: dtypes in run order
+        for w, pages, nbytes in (("stock", r["stock_blocks"], r["stock_bytes"]),
+                                 (f"madakv {budget}", r["madakv_blocks"], r["madakv_bytes"])):
+            page = r["page_bytes"]["stock" if w == "stock" else "madakv"]
+            lines.append(f"| {r['prompt_tokens']} | {w} | {r['kv_cache_dtype']} | {pages} | {page} | {nbytes} | "
+                         f"{nbytes / ref[r['prompt_tokens']]:.3f} |")
     return "\n".join(lines)
 
 
@@ -522,6 +568,8 @@ def run_memory_family(fam, model: Path, args, tm: TextMaker, stock_only: bool = 
     common = dict(model=str(model), enforce_eager=True, max_model_len=max(max(lengths) + 1024, args.max_model_len),
                   block_size=BLOCK_SIZE, dtype=fam.dtype, seed=0, limit_mm_per_prompt={"image": args.images},
                   **fam.engine_kwargs)
+    if args.kv_cache_dtype[0] != "auto":
+        common["kv_cache_dtype"] = args.kv_cache_dtype[0]
     if args.max_num_batched_tokens:
         common["max_num_batched_tokens"] = args.max_num_batched_tokens
     sp = SamplingParams(max_tokens=args.memory_decode, temperature=0, ignore_eos=True)
@@ -635,22 +683,41 @@ def print_capacity(cap: dict, ratios: dict, args, pool_desc: str) -> None:
         print(f"| {name} | {r['mean_prompt_tokens']:.0f} | {r['running_max']:.0f} | {r['running_time_avg']:.2f} | "
               f"{r['kv_usage_max']:.3f} | {r['kv_usage_time_avg']:.3f} | {r['waiting_time_avg']:.1f} | "
               f"{r['preemptions_in_window']:.0f} | {r['generation_tok_per_s']:.0f} | {r['completed']} |")
+    ref = dtype_name("stock", args.kv_cache_dtype[0])
     for name, (ratio_avg, ratio_max) in ratios.items():
-        target = 0.95 / args.budget if name.endswith("-chunked") else 4.0
-        print(f"RATIO {name}/stock running: time-avg {ratio_avg:.2f}x, max {ratio_max:.2f}x (target >= {target:.2f}x)")
+        if cap[name].get("kv_cache_dtype", "auto") == args.kv_cache_dtype[0] and name.startswith("madakv"):
+            target = 0.95 / args.budget if name.endswith("-chunked") else 4.0
+            print(f"RATIO {name}/{ref} running: time-avg {ratio_avg:.2f}x, max {ratio_max:.2f}x (target >= {target:.2f}x)")
+        else:  # another KV cache dtype than the pool was sized for, or its own stock
+            print(f"RATIO {name}/{ref} running: time-avg {ratio_avg:.2f}x, max {ratio_max:.2f}x")
     print(flush=True)
 
 
 def run_capacity_all(model: Path, args, kv_bytes: int, tm: TextMaker, urls: list[str],
                      engine_flags: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Every engine at every KV cache dtype, in one pool; ratios to the first dtype's stock."""
     cap = {}
-    names = ["stock"] + [("madakv" if mode == "end" else f"madakv-{mode}") for mode in args.prefill_eviction]
-    for name in names:
-        cap[name] = run_capacity(name, model, args, kv_bytes, tm, urls, engine_flags)
-    s = cap["stock"]
+    engines = ["stock"] + [("madakv" if mode == "end" else f"madakv-{mode}") for mode in args.prefill_eviction]
+    for kv_dtype in args.kv_cache_dtype:
+        for engine in engines:
+            name = dtype_name(engine, kv_dtype)
+            cap[name] = run_capacity(name, model, args, kv_bytes, tm, urls, engine_flags, engine, kv_dtype)
+    ref = dtype_name("stock", args.kv_cache_dtype[0])
+    s = cap[ref]
     ratios = {name: (cap[name]["running_time_avg"] / s["running_time_avg"], cap[name]["running_max"] / s["running_max"])
-              for name in names[1:]}
+              for name in cap if name != ref}
     return cap, ratios
+
+
+def same_dtype_ratios(cap: dict) -> dict:
+    """Each madakv engine's running requests over those of the stock engine of its own KV cache dtype."""
+    out = {}
+    for name, r in cap.items():
+        s = cap[dtype_name("stock", r["kv_cache_dtype"])]
+        if r is not s:
+            out[name] = {"running_time_avg": r["running_time_avg"] / s["running_time_avg"],
+                         "running_max": r["running_max"] / s["running_max"]}
+    return out
 
 
 def main_family(args) -> int:
@@ -671,7 +738,7 @@ def main_family(args) -> int:
           f"{build_kwargs or 'zoo default'}; {args.image_tokens} tokens per image; CPU {cpu} x {os.cpu_count()}",
           flush=True)
 
-    mem = run_memory_family(fam, model, args, tm, stock_only=args.capacity_only)
+    mem = run_memory_family(fam, model, args, tm, stock_only=args.capacity_only)  # at args.kv_cache_dtype[0]
     result["geometry"] = {w: mem[w]["geometry"] for w in mem}
     result["traces"] = {w: {str(n): r for n, r in mem[w]["requests"].items()} for w in mem}
     geo = mem["stock"]["geometry"]
@@ -752,9 +819,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Part 2 prompt lengths (default 1024 2048 4096 8192; quick: 2048 8192; "
                         "--family: 2000 8000 and --prompt-tokens; quick: --prompt-tokens)")
     p.add_argument("--memory-decode", type=int, default=8, help="Part 2: tokens generated after compression")
+    p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
+                   help="vLLM's --kv-cache-dtype of every engine (auto: the model's dtype); several (e.g. auto fp8): "
+                        "both parts once per dtype, every capacity engine in one pool, sized for stock at the model's dtype")
     p.add_argument("--out", type=Path, default=None,
                    help="default models/bench_capacity.json; --family: docs/data/bench_capacity_<family>.json")
     args = p.parse_args(argv)
+    if len(set(args.kv_cache_dtype)) != len(args.kv_cache_dtype):
+        p.error("--kv-cache-dtype: each dtype once")
+    if args.family and len(args.kv_cache_dtype) > 1:
+        p.error("--family takes one --kv-cache-dtype")
     if args.prompt_tokens is None:
         args.prompt_tokens = 4000 if args.family else 3600
     if args.images is None:
@@ -801,15 +875,27 @@ def main(argv=None) -> int:
                               "ratios": {n: {"running_time_avg": a, "running_max": m} for n, (a, m) in ratios.items()}}
         if "madakv" in ratios:  # the keys earlier results have
             result["capacity"].update(ratio_running_time_avg=ratios["madakv"][0], ratio_running_max=ratios["madakv"][1])
+        if len(args.kv_cache_dtype) > 1:
+            result["capacity"]["ratios_to_own_dtype_stock"] = same_dtype_ratios(cap)
         print_capacity(cap, ratios, args, f"{kv_bytes} B = {kv_tokens // BLOCK_SIZE} blocks")
+        if len(args.kv_cache_dtype) > 1:
+            for name, r in result["capacity"]["ratios_to_own_dtype_stock"].items():
+                print(f"RATIO {name}/{dtype_name('stock', cap[name]['kv_cache_dtype'])} running: "
+                      f"time-avg {r['running_time_avg']:.2f}x, max {r['running_max']:.2f}x")
 
     if not args.capacity_only:
-        rows = run_memory(model, args, tm)
+        rows = []
+        for kv_dtype in args.kv_cache_dtype:
+            dtype_rows = run_memory(model, args, tm, kv_dtype)
+            rows += dtype_rows
+            print()
+            print(f"## Held KV blocks per request after compression (policy {args.policy}, block {BLOCK_SIZE}, "
+                  f"{args.memory_decode} tokens decoded)" + ("" if kv_dtype == "auto" else f", kv cache dtype {kv_dtype}"))
+            print(memory_table(dtype_rows))
         result["memory"] = rows
         print()
-        print(f"## Held KV blocks per request after compression (policy {args.policy}, block {BLOCK_SIZE}, "
-              f"{args.memory_decode} tokens decoded)")
-        print(memory_table(rows))
+        print(f"## KV bytes per request right after compression (page-aligned, budget {args.budget})")
+        print(memory_bytes_table(rows, args.budget))
         print(f"page-aligned rows all within 1.15 x budget x stock + 1: {all(r['ok'] for r in rows if r['page_aligned'])}; "
               f"unaligned: {sum(r['ok'] for r in rows if not r['page_aligned'])}/{sum(not r['page_aligned'] for r in rows)}")
         print("every count as accounting.py predicts (right after compression and at the last step): "
