@@ -17,7 +17,7 @@ import gc
 
 import pytest
 import torch
-from conftest import mm_prompt, run_requests, words
+from conftest import assert_same_tokens, close_engine, mm_prompt, run_requests, words
 from test_block_layout import cpu_name, kernel_library
 
 from madakv_vllm.integration.block_layout import FP8_FORMATS, LayoutError, kernel_layout, probe
@@ -297,7 +297,7 @@ class Engines:
 
     def close(self) -> None:
         for llm in self._engines.values():
-            llm.llm_engine.engine_core.shutdown()
+            close_engine(llm)
         self._engines.clear()
         gc.collect()
 
@@ -478,3 +478,21 @@ def test_every_page_returns(evicted, engines):
     outs = run_requests(llm, reqs)
     assert len(outs) == len(reqs) and all(len(o.outputs[0].token_ids) == 24 for o in outs.values())
     assert free_blocks(llm) == evicted["free0"]
+
+
+def test_a_compressed_requests_prefix_hit_on_fp8_pages_gives_its_tokens_without_the_hit(engines):
+    """Prefix caching over an fp8 cache: a compressed request hits another request's fp8 pages
+    (a window short of its prompt's end), scores and moves them like its own, and generates the
+    tokens it generates with no hit (bf16 model: up to a tie, ``assert_same_tokens``)."""
+    llm = engines.get(True)
+    shared = [words(60, 8), 0, words(600, 9)]
+    first, second = mm_prompt("qwen2vl", shared + [words(4, 1)]), mm_prompt("qwen2vl", shared + [words(4, 2)])
+    evict = dict(madakv_policy="madakv", madakv_budget=0.2)
+    llm.reset_prefix_cache()
+    llm.generate([first], greedy(2), use_tqdm=False)  # policy full (the engine's): its prompt pages are hashed
+    hit = llm.generate([second], greedy(12, **evict), use_tqdm=False)[0]
+    assert 0 < hit.num_cached_tokens <= len(hit.prompt_token_ids) - 32
+    llm.reset_prefix_cache()
+    alone = llm.generate([second], greedy(12, **evict), use_tqdm=False)[0]
+    assert alone.num_cached_tokens == 0
+    assert_same_tokens(hit.outputs[0], alone.outputs[0], "bfloat16")

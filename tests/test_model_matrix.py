@@ -18,7 +18,7 @@ import gc
 
 import pytest
 import torch
-from conftest import run_requests
+from conftest import assert_same_tokens, close_engine, run_requests
 
 from madakv_eval import zoo
 from madakv_eval.prompts import words
@@ -105,10 +105,8 @@ class Family:
         return self.prompt(parts + [words(300, 5)])
 
     def close(self) -> None:
-        """Shut the engines down now: an engine collected later (a failed test's traceback holds it)
-        would tear down vLLM's process-wide distributed state under the next family's engines."""
         for llm in self._engines.values():
-            llm.llm_engine.engine_core.shutdown()
+            close_engine(llm)
         self._engines.clear()
         gc.collect()
 
@@ -276,20 +274,6 @@ def test_a_capped_prefix_hit_is_exact(fam):
     alone = llm.generate([second], greedy(12, logprobs=2), use_tqdm=False)[0]
     assert alone.num_cached_tokens == 0
     assert_same_tokens(b.outputs[0], alone.outputs[0], fam.family.dtype)
-
-
-def assert_same_tokens(got, expected, dtype: str) -> None:
-    """Greedy tokens equal, but for a first difference where ``expected``'s two best tokens tie
-    within the dtype's rounding (bf16 recomputes a prompt in other chunks to other last bits:
-    stock vLLM's own preempted bf16 requests differ there), ``got`` taking the other one."""
-    tie = 1e-3 if dtype == "float32" else 3e-2
-    for i, (x, y) in enumerate(zip(got.token_ids, expected.token_ids)):
-        if x != y:
-            best = sorted(expected.logprobs[i].items(), key=lambda kv: -kv[1].logprob)[:2]
-            assert len(best) == 2 and x in dict(best) and best[0][1].logprob - best[1][1].logprob < tie, \
-                (i, x, y, best)
-            return
-    assert len(got.token_ids) == len(expected.token_ids)
 
 
 def test_a_preempted_compressed_request_resumes_with_its_tokens(fam):
