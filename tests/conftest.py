@@ -72,6 +72,19 @@ def engine(model_dir):
     _ENGINES.clear()
 
 
+def ensure_expert_parallel_group() -> None:
+    """In-process engines share the process's distributed groups, made by its first engine; vLLM
+    makes the expert-parallel group only when that first model is MoE, so an MoE model built after
+    a dense one finds none. Make it as vLLM would for one rank (a no-op once it exists)."""
+    import torch.distributed as dist
+    from vllm.distributed import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps._EP is None:
+        world = ps.get_world_group()
+        ps._EP = ps.init_model_parallel_group([[world.rank]], world.local_rank,
+                                              dist.get_backend(world.device_group), group_name="ep")
+
+
 def close_engine(llm) -> None:
     """Shut an in-process engine down now, without vLLM's process-wide teardown:
     ``EngineCore.shutdown`` also destroys the distributed groups that every other in-process

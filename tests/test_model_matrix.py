@@ -18,7 +18,7 @@ import gc
 
 import pytest
 import torch
-from conftest import assert_same_tokens, close_engine, run_requests
+from conftest import assert_same_tokens, close_engine, ensure_expert_parallel_group, run_requests
 
 from madakv_eval import zoo
 from madakv_eval.prompts import words
@@ -73,6 +73,7 @@ class Family:
                         limit_mm_per_prompt={m: 2 for m in self.family.modalities}, **self.family.engine_kwargs)
             if which == "madakv":
                 args.update(attention_backend="madakv", additional_config={"madakv": {"budget": 0.2}})
+            ensure_expert_parallel_group()
             self._engines[which] = LLM(**args)
             self.free_at_start[which] = free_blocks(self._engines[which])
         return self._engines[which]
