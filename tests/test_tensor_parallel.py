@@ -114,6 +114,30 @@ def test_two_node_ranks_on_localhost_match_tp1(model_dir, tmp_path):
     assert _total(m2, "madakv:kv_pages_freed_total") == _total(m1, "madakv:kv_pages_freed_total") > 0
 
 
+def test_tp2_with_an_fp8_kv_cache_matches_tp1(model_dir, tmp_path):
+    """An fp8 KV cache at TP=2: each rank quantizes, scores (dequantized keys) and compacts (moved
+    bytes) its own KV heads; greedy tokens equal TP=1's with the same cache, the same pages are
+    freed, the kept entries summed over ranks equal TP=1's, and every page returns."""
+    from test_fp8 import stock_fp8_refusal
+
+    why = stock_fp8_refusal("fp8")
+    if why:
+        pytest.skip(f"stock vLLM refuses an fp8 KV cache on this CPU: {why}")
+    model = model_dir("qwen2vl")  # head size 32: vLLM's CPU fp8 kernels need multiples of 32
+    policies = {p: INDEPENDENT[p] for p in ("full", "snapkv", "madakv")}
+    fp8 = ["--kv-cache-dtype", "fp8"]
+    tp1, usage1, m1 = _run(model, 1, tmp_path / "tp1.log", policies, fp8)
+    tp2, usage2, m2 = _run(model, 2, tmp_path / "tp2.log", policies, fp8)
+    assert usage1 == usage2 == 0
+    assert tp2 == tp1
+    assert all(len(t) == 40 for t in tp1.values())
+    assert _total(m2, "madakv:kv_pages_freed_total") == _total(m1, "madakv:kv_pages_freed_total") > 0
+    for event in ("prompt", "recompress"):
+        assert _total(m2, "madakv:tokens_kept_total", event=event) == _total(
+            m1, "madakv:tokens_kept_total", event=event) > 0, event
+    assert "fp8" in (tmp_path / "tp2.log").read_text()
+
+
 def _ray_on_cuda_reason() -> str | None:
     import importlib.util
 
