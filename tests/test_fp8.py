@@ -196,13 +196,15 @@ def test_the_kernel_reads_fp8_entries_as_scoring_does(kv_cache_dtype):
 # --- which KV cache dtypes are accepted ------------------------------------------------------------
 
 
-def test_the_kv_cache_dtypes_are_stocks_on_the_cpu_and_auto_only_on_cuda(monkeypatch):
+def test_the_kv_cache_dtypes_are_stocks_on_the_cpu_and_on_cuda(monkeypatch):
     """On the CPU platform, vLLM's validation checks stock CPU_ATTN's list (our backend inherits it);
-    the CUDA backend lists ``auto`` only, and configure_engine refuses a quantized cache off the CPU."""
+    the CUDA backend takes FLASH_ATTN's (tests/test_cuda.py checks its validation against stock's);
+    configure_engine refuses a quantized cache on other platforms only."""
     from types import SimpleNamespace
 
     import vllm.platforms
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
     from madakv_vllm.integration import rules
@@ -211,16 +213,27 @@ def test_the_kv_cache_dtypes_are_stocks_on_the_cpu_and_auto_only_on_cuda(monkeyp
 
     assert MadaKVCPUBackend.supported_kv_cache_dtypes == CPUAttentionBackend.supported_kv_cache_dtypes
     assert set(VARIANTS) <= set(MadaKVCPUBackend.supported_kv_cache_dtypes)
-    assert MadaKVCUDABackend.supported_kv_cache_dtypes == ["auto"]
+    assert MadaKVCUDABackend.supported_kv_cache_dtypes == FlashAttentionBackend.supported_kv_cache_dtypes
     cfg = AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="fp8", block_size=32)
     rules.validate_backend(rules.CPU_BACKEND_PATH, cfg, None)
     with pytest.raises(ValueError, match="kv_cache_dtype not supported"):
         rules.validate_backend(rules.CPU_BACKEND_PATH, cfg._replace(kv_cache_dtype="fp8_inc"), None)
-    fake_gpu = SimpleNamespace(is_cpu=lambda: False, device_name="cuda")
-    monkeypatch.setattr(vllm.platforms, "current_platform", fake_gpu)
-    config = SimpleNamespace(additional_config=None, model_config=None, cache_config=SimpleNamespace(cache_dtype="fp8"))
-    with pytest.raises(ValueError, match="needs an unquantized KV cache on cuda"):
-        rules.configure_engine(config)
+
+    def config():
+        cache = SimpleNamespace(cache_dtype="fp8", enable_prefix_caching=False, user_specified_block_size=True,
+                                block_size=16)
+        return SimpleNamespace(additional_config=None, model_config=None, cache_config=cache,
+                               scheduler_config=SimpleNamespace(async_scheduling=False),
+                               compilation_config=SimpleNamespace(cudagraph_mode=None), speculative_config=None)
+
+    monkeypatch.setattr(rules, "_selected_in_this_process", rules._selected_in_this_process)  # restored after
+    cuda = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda")
+    monkeypatch.setattr(vllm.platforms, "current_platform", cuda)
+    rules.configure_engine(config())
+    xpu = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: False, device_name="xpu")
+    monkeypatch.setattr(vllm.platforms, "current_platform", xpu)
+    with pytest.raises(ValueError, match="needs an unquantized KV cache on xpu"):
+        rules.configure_engine(config())
 
 
 def test_where_stock_refuses_fp8_madakv_refuses_with_stocks_message(tmp_path):

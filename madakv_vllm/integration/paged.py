@@ -103,10 +103,16 @@ class FlatKVCache:
 class TorchFlatKVCache(FlatKVCache):
     """The same per-head view for devices without vLLM's CPU kernels (CUDA): entries are
     stored plainly (K rows then V rows of each sub-block) and moved with torch indexing;
-    ``key4``/``value4`` are the ``[S, bs, 1, D]`` paged views FlashAttention reads."""
+    ``key4``/``value4`` are the ``[S, bs, 1, D]`` paged views FlashAttention reads.
 
-    def __init__(self, layer_caches: list[torch.Tensor]):
-        super().__init__(layer_caches, isa="torch")
+    An fp8 cache (a uint8 buffer) stores what vLLM's CUDA writer (``reshape_and_cache_flash``)
+    stores: ``value / scale`` saturated to the format's largest finite value and rounded to
+    nearest even, as the fp8 bytes. ``read`` gives those bytes and ``put`` stores them
+    unchanged, so compaction never quantizes twice."""
+
+    def __init__(self, layer_caches: list[torch.Tensor], kv_cache_dtype: str = "auto",
+                 dtype: torch.dtype | None = None):
+        super().__init__(layer_caches, isa="torch", kv_cache_dtype=kv_cache_dtype, dtype=dtype)
         self.key4, self.value4 = self.key.transpose(1, 2), self.value.transpose(1, 2)
         self.entries = self.flat.view(self.num_subblocks * 2 * self.block_size, self.head_size)
 
@@ -117,12 +123,28 @@ class TorchFlatKVCache(FlatKVCache):
         slots = slots.to(self.flat.device, torch.long)
         return slots // self.block_size * (2 * self.block_size) + slots % self.block_size
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    def _stored(self, x: torch.Tensor, scale) -> torch.Tensor:
+        if not self.quantized:
+            return x.to(self.flat.dtype)
+        # torch's cast to fp8 rounds to nearest even, but older torch gives NaN from 480 up instead of
+        # saturating: clamp first, as the CUDA writer's __NV_SATFINITE conversion does.
+        finite = torch.finfo(self.element_format).max
+        return (x.float() / scale).clamp(-finite, finite).to(self.element_format).view(torch.uint8)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_scale=1.0, v_scale=1.0) -> None:
+        """k, v: [n, D] in the model's dtype; slots below 0 are skipped (padding), as vLLM's writer
+        skips them; an fp8 cache's scales: floats or the layer's scale tensors."""
         keep = slots.to(self.flat.device) >= 0
         rows = self._rows(slots)[keep]
-        self.entries[rows] = k[keep].to(self.flat.dtype)
-        self.entries[rows + self.block_size] = v[keep].to(self.flat.dtype)
+        self.entries[rows] = self._stored(k[keep], k_scale)
+        self.entries[rows + self.block_size] = self._stored(v[keep], v_scale)
 
     def read(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._rows(slots)
         return self.entries[rows], self.entries[rows + self.block_size]
+
+    def put(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """What ``read`` gave, stored at other flat slots as it is (an fp8 cache: its bytes)."""
+        rows = self._rows(slots)
+        self.entries[rows] = k
+        self.entries[rows + self.block_size] = v

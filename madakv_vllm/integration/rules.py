@@ -136,15 +136,17 @@ def configure_engine(vllm_config) -> MadaKVConfig:
     cfg = config_from_vllm(vllm_config.additional_config)
     check_model(vllm_config.model_config)
     cache = vllm_config.cache_config
-    # On the CPU platform the KV cache dtypes are stock's (the backend inherits CPU_ATTN's list, which
-    # vLLM's validation checks at selection; vLLM's ISA choice refuses fp8 where its kernels lack it).
+    # The KV cache dtypes are stock's on the CPU and CUDA platforms: the backends take CPU_ATTN's and
+    # FLASH_ATTN's lists and checks, which vLLM's validation runs at selection (on the CPU, vLLM's ISA
+    # choice refuses fp8 where its kernels lack it; on CUDA, FLASH_ATTN's checks refuse fp8 where the
+    # FlashAttention version cannot read it).
     from vllm.platforms import current_platform
 
     quantized = cache.cache_dtype not in ("auto", None) and not str(cache.cache_dtype).startswith("auto")
-    if quantized and not current_platform.is_cpu():
+    if quantized and not (current_platform.is_cpu() or current_platform.is_cuda()):
         raise ValueError(f"--attention-backend madakv needs an unquantized KV cache on "
                          f"{current_platform.device_name} (got kv_cache_dtype={cache.cache_dtype}); "
-                         "quantized caches are served on the CPU platform")
+                         "quantized caches are served on the CPU and CUDA platforms")
     if cache.enable_prefix_caching and cfg.chunked:
         logger.warning("madakv: prefill_eviction 'chunked' compacts pages while the prompt is still being hashed: "
                        "requests evicting during prefill neither read nor add to vLLM's prefix cache; requests "
