@@ -218,6 +218,9 @@ def test_the_kv_cache_dtypes_are_stocks_on_the_cpu_and_on_cuda(monkeypatch):
     rules.validate_backend(rules.CPU_BACKEND_PATH, cfg, None)
     with pytest.raises(ValueError, match="kv_cache_dtype not supported"):
         rules.validate_backend(rules.CPU_BACKEND_PATH, cfg._replace(kv_cache_dtype="fp8_inc"), None)
+    with pytest.raises(ValueError, match="kv_cache_dtype not supported"):  # under an fp32 model
+        rules.validate_backend(rules.CPU_BACKEND_PATH, cfg._replace(kv_cache_dtype="bfloat16", dtype=torch.float32),
+                               None)
 
     def config():
         cache = SimpleNamespace(cache_dtype="fp8", enable_prefix_caching=False, user_specified_block_size=True,
@@ -252,6 +255,30 @@ def test_where_stock_refuses_fp8_madakv_refuses_with_stocks_message(tmp_path):
             LLM(model=str(path), enforce_eager=True, max_model_len=1024, block_size=32, dtype="bfloat16",
                 kv_cache_dtype="fp8", **extra)
         gc.collect()
+
+
+def test_a_cache_dtype_naming_the_models_dtype_is_served_as_stock_serves_it(bf16_model):
+    """``--kv-cache-dtype bfloat16`` with a bf16 model: stock's CPU platform serves it as ``auto``
+    (CPU_ATTN's list, which vLLM checks for our backend, names only ``auto``); so does madakv, with
+    stock's greedy tokens under policy ``full``. Under a float32 model it stays ``bfloat16``, which
+    vLLM's validation refuses for our backend (test above)."""
+    import torch
+    from vllm import LLM
+
+    from madakv_vllm.integration.rules import model_dtype_cache
+
+    assert model_dtype_cache("bfloat16", torch.bfloat16) == "auto"
+    assert model_dtype_cache("bfloat16", torch.float32) == "bfloat16"
+    assert model_dtype_cache("fp8", torch.bfloat16) == "fp8"
+    batch = [mm_prompt("qwen2vl", [words(30)]), mm_prompt("qwen2vl", [0, words(40, 1)])]
+    tokens = {}
+    for extra in ({}, {"attention_backend": "madakv", "additional_config": {"madakv": {"policy": "full"}}}):
+        llm = LLM(model=str(bf16_model), enforce_eager=True, max_model_len=4096, block_size=BS, dtype="bfloat16",
+                  seed=0, kv_cache_dtype="bfloat16", limit_mm_per_prompt={"image": 2}, **extra)
+        tokens[bool(extra)] = [o.outputs[0].token_ids for o in llm.generate(batch, greedy(12))]
+        close_engine(llm)
+        gc.collect()
+    assert tokens[True] == tokens[False]
 
 
 # --- end to end: a bf16 model with an fp8 KV cache ------------------------------------------------

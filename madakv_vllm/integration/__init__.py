@@ -180,7 +180,7 @@ VLLM_TOUCHPOINTS = [
     T("vllm.model_executor.layers.attention", "Attention.kv_cache_dtype", "read", None,
       "CUDA builder: the layers' KV cache dtype (fp8: a uint8 buffer of fp8 bytes)"),
     T("vllm.config", "ModelConfig.dtype", "read", None,
-      "CUDA builder: the model's dtype (what an fp8 cache is read as)"),
+      "the model's dtype: what an fp8 cache is read as (CUDA builder); a cache dtype naming it is 'auto'"),
     T("vllm.v1.attention.backend", "AttentionLayer._q_scale", "read", None,
       "CUDA impl: query quantization and q_descale"),
     T("vllm.v1.attention.backend", "AttentionLayer._k_scale", "read", None,
@@ -232,7 +232,8 @@ VLLM_TOUCHPOINTS = [
     T("vllm.config", "AttentionConfig.backend", "read", None, "the selected backend"),
     T("vllm.config", "VllmConfig.speculative_config", "read", None, "refused"),
     T("vllm.config", "CacheConfig.enable_prefix_caching", "read", None, "fresh pages on both sides"),
-    T("vllm.config", "CacheConfig.cache_dtype", "read", None, "quantized (fp8) on the CPU and CUDA platforms only"),
+    T("vllm.config", "CacheConfig.cache_dtype", "read", None, "quantized (fp8) on the CPU and CUDA platforms only; "
+      "the model's own dtype set to 'auto' on the CPU, as stock serves it"),
     T("vllm.platforms.interface", "Platform.is_cpu", "called", ("self",),
       "quantized KV caches on the CPU and CUDA platforms"),
     T("vllm.platforms.interface", "Platform.is_cuda", "called", ("self",),

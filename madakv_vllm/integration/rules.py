@@ -121,6 +121,15 @@ def no_full_attention_layer(model_config) -> ValueError:
                       "or linear attention). Serve it without madakv.")
 
 
+def model_dtype_cache(cache_dtype: str | None, model_dtype) -> str | None:
+    """``"auto"`` where ``cache_dtype`` names the model's own dtype (``bfloat16`` for a bf16 model),
+    else ``cache_dtype`` unchanged."""
+    import torch
+
+    named = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(cache_dtype))
+    return "auto" if named is not None and named == model_dtype else cache_dtype
+
+
 _selected_in_this_process = False
 
 
@@ -142,6 +151,14 @@ def configure_engine(vllm_config) -> MadaKVConfig:
     # FlashAttention version cannot read it).
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu() and vllm_config.model_config is not None:
+        same = model_dtype_cache(cache.cache_dtype, vllm_config.model_config.dtype)
+        if same != cache.cache_dtype:
+            # stock's CPU platform serves a cache dtype naming the model's own dtype exactly as "auto" (the
+            # same buffers and kernels); CPU_ATTN's list, which vLLM checks for our backend, names only "auto"
+            logger.info("madakv: kv_cache_dtype %s is the model's dtype: served as 'auto', as stock serves it",
+                        cache.cache_dtype)
+            cache.cache_dtype = same
     quantized = cache.cache_dtype not in ("auto", None) and not str(cache.cache_dtype).startswith("auto")
     if quantized and not (current_platform.is_cpu() or current_platform.is_cuda()):
         raise ValueError(f"--attention-backend madakv needs an unquantized KV cache on "
