@@ -378,6 +378,27 @@ def test_cuda_backend_rejects_what_flash_attention_cannot_run_at_startup(model_d
                   kv_cache_dtype=change.get("kv_cache_dtype", "auto"))
 
 
+def evict_under_the_shadow(llm, batch, reference) -> None:
+    """madakv and snapkv at 0.2, re-compressed every 16 tokens, under the shadow check: each
+    request's first token is the reference run's (its prompt's last query sees every entry), every
+    page returns, and the compressed steps match dense attention over what was kept."""
+    from vllm import SamplingParams
+
+    from madakv_vllm.integration import verify
+
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    for policy in ("madakv", "snapkv"):
+        evict = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                               extra_args={"madakv_policy": policy, "madakv_budget": 0.2,
+                                           "madakv_recompress_interval": 16})
+        out = llm.generate(batch, evict, use_tqdm=False)
+        assert [o.outputs[0].token_ids[0] for o in out] == [o.outputs[0].token_ids[0] for o in reference]
+        assert pool.get_num_free_blocks() == free0
+    assert verify.SHADOW.compressed_checked > 100
+    assert verify.SHADOW.max_err < 2e-2, verify.SHADOW.max_err  # bf16 outputs of an fp32 reference
+
+
 @pytest.mark.parametrize("capability, fa_version", [((8, 0), 2), ((8, 9), 2), ((9, 0), 3), ((9, 0), 4), ((10, 0), 4),
                                                     ((10, 0), 2)])
 def test_cuda_backend_takes_stock_flash_attentions_kv_cache_dtypes(monkeypatch, capability, fa_version):
@@ -444,17 +465,7 @@ def test_cuda_backend_logic_runs_on_cpu_with_reference_attention(engine, model_d
                         assert abs(a.outputs[0].logprobs[j][t].logprob - b.outputs[0].logprobs[j][t].logprob) < 0.1
 
         verify.start(llm)
-        pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
-        free0 = pool.get_num_free_blocks()
-        for policy in ("madakv", "snapkv"):
-            evict = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
-                                   extra_args={"madakv_policy": policy, "madakv_budget": 0.2,
-                                               "madakv_recompress_interval": 16})
-            out = llm.generate(batch, evict, use_tqdm=False)
-            assert [o.outputs[0].token_ids[0] for o in out] == [o.outputs[0].token_ids[0] for o in stock]
-            assert pool.get_num_free_blocks() == free0
-        assert verify.SHADOW.compressed_checked > 100
-        assert verify.SHADOW.max_err < 2e-2, verify.SHADOW.max_err  # bf16 outputs of an fp32 reference
+        evict_under_the_shadow(llm, batch, stock)
     finally:
         verify.ENABLED = False
         del llm
@@ -515,17 +526,7 @@ def test_cuda_backend_logic_runs_on_cpu_with_an_fp8_cache(model_dir, cuda_backen
         assert verify.SHADOW.checked > 1000 and verify.SHADOW.max_err < 2e-2, verify.SHADOW.max_err
         (state,) = [st for st in per_head.STATES if isinstance(st.cache, TorchFlatKVCache) and st.cache.quantized]
         assert state.cache.scales == [(K_SCALE, V_SCALE)] * num_layers
-        pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
-        free0 = pool.get_num_free_blocks()
-        for policy in ("madakv", "snapkv"):
-            evict = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
-                                   extra_args={"madakv_policy": policy, "madakv_budget": 0.2,
-                                               "madakv_recompress_interval": 16})
-            out = llm.generate(batch, evict, use_tqdm=False)
-            assert [o.outputs[0].token_ids[0] for o in out] == [o.outputs[0].token_ids[0] for o in full]
-            assert pool.get_num_free_blocks() == free0
-        assert verify.SHADOW.compressed_checked > 100
-        assert verify.SHADOW.max_err < 2e-2, verify.SHADOW.max_err  # bf16 outputs of an fp32 reference
+        evict_under_the_shadow(llm, batch, full)
     finally:
         verify.ENABLED = False
         del llm
