@@ -15,6 +15,7 @@ Every build is deterministic: the same arguments give byte-identical files.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -236,6 +237,28 @@ def video_data_url(seed: int) -> str:
         writer.release()
         data = Path(path).read_bytes()
     return "data:video/mp4;base64," + base64.b64encode(data).decode("ascii")
+
+
+def audio_data_url(seed: int) -> str:
+    """``make_audio(seed)`` as a ``data:audio/wav;base64,...`` URL (16-bit mono PCM WAV)."""
+    return "data:audio/wav;base64," + wav_base64(seed)
+
+
+def wav_base64(seed: int) -> str:
+    """``make_audio(seed)`` as base64 WAV bytes (an OpenAI ``input_audio`` part's ``data``)."""
+    import wave
+
+    import numpy as np
+
+    samples, rate = make_media("audio", seed)
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # --------------------------------------------------------------------------- configs

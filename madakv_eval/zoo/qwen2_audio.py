@@ -20,11 +20,8 @@ float32.
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 
-from madakv_eval.prompts import make_audio
 from madakv_eval.zoo import TinyFamily
 from madakv_eval.zoo.common import (
     CHATML_TOKENS,
@@ -32,6 +29,7 @@ from madakv_eval.zoo.common import (
     ENDOFTEXT,
     IM_END,
     TINY_RECORD,
+    audio_data_url,  # noqa: F401 (this family's WAV encoding for the OpenAI API)
     build_model_dir,
     chatml_generation,
     chatml_prompt,
@@ -40,6 +38,7 @@ from madakv_eval.zoo.common import (
     make_tokenizer,
     qwen2_text_config,
     rename_prefix,
+    wav_base64,  # noqa: F401 (likewise, for an input_audio part)
 )
 
 FAMILY = TinyFamily(
@@ -74,28 +73,6 @@ def audio_tokens(samples: int, rate: int = SAMPLING_RATE) -> int:
     to 16 kHz and truncation to ``CHUNK_SECONDS``)."""
     frames = min(samples * SAMPLING_RATE // rate, CHUNK_SECONDS * SAMPLING_RATE) // HOP_LENGTH
     return (((frames - 1) // 2 + 1) - 2) // 2 + 1
-
-
-def audio_data_url(seed: int) -> str:
-    """``make_audio(seed)`` as a ``data:audio/wav;base64,...`` URL (16-bit mono PCM WAV)."""
-    return "data:audio/wav;base64," + wav_base64(seed)
-
-
-def wav_base64(seed: int) -> str:
-    """``make_audio(seed)`` as base64 WAV bytes (an OpenAI ``input_audio`` part's ``data``)."""
-    import wave
-
-    import numpy as np
-
-    samples, rate = make_audio(seed)
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _tokenizer():
