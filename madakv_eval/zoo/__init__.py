@@ -45,7 +45,7 @@ class TinyFamily:
 
 #: Every family built here, in the README's model table order.
 FAMILY_NAMES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl", "llava_onevision", "idefics3", "mistral3",
-                "gemma3", "qwen3_5", "llama4", "qwen2_audio", "qwen2_5_omni")
+                "qwen2_audio", "qwen2_5_omni", "gemma3", "qwen3_5", "llama4")
 
 
 def family(name: str) -> TinyFamily:
