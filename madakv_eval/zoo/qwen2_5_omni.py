@@ -50,17 +50,10 @@ from madakv_eval.zoo.common import (
     video_item,
     wav_base64,  # noqa: F401 (its WAV bytes for an input_audio part)
 )
+# Qwen2.5-Omni's vision tower, patching and M-RoPE sections are Qwen2.5-VL's
+from madakv_eval.zoo.qwen2_5_vl import (MAX_TOKENS, MERGE, MIN_TOKENS, MROPE_SECTION, PATCH, TEMPORAL_PATCH,
+                                        vision_config)
 
-MROPE_SECTION = [8, 12, 12]  # temporal, height, width frequencies; they sum to head_dim // 2
-VISION_DEPTH = 2
-VISION_HIDDEN = 64
-VISION_HEADS = 2
-PATCH = 8
-MERGE = 2
-TEMPORAL_PATCH = 2
-WINDOW = 32  # 2 merged tokens per window side: block 0 windowed, block 1 full attention
-MIN_TOKENS = 16
-MAX_TOKENS = 64
 SIZE = {"shortest_edge": MIN_TOKENS * (PATCH * MERGE) ** 2,
         "longest_edge": MAX_TOKENS * (PATCH * MERGE) ** 2}
 
@@ -114,20 +107,7 @@ def _config(tokenizer):
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
                          "mrope_section": MROPE_SECTION},
     )
-    vision = dict(
-        depth=VISION_DEPTH,
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=2 * VISION_HIDDEN,
-        num_heads=VISION_HEADS,
-        out_hidden_size=HIDDEN,
-        hidden_act="silu",
-        in_channels=3,
-        patch_size=PATCH,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=TEMPORAL_PATCH,
-        window_size=WINDOW,
-        fullatt_block_indexes=[VISION_DEPTH - 1],
-    )
+    vision = vision_config()
     audio = dict(
         num_mel_bins=MEL_BINS,
         encoder_layers=2,

@@ -56,15 +56,9 @@ MIN_TOKENS = 16
 MAX_TOKENS = 64
 
 
-def _configs(tokenizer):
-    import transformers as tf
-
-    text = qwen2_text_config(
-        tokenizer,
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
-                         "mrope_section": MROPE_SECTION},
-    )
-    vision = dict(
+def vision_config() -> dict:
+    """The tiny Qwen2.5-VL vision tower (also Qwen2.5-Omni's): block 0 windowed, block 1 full."""
+    return dict(
         depth=VISION_DEPTH,
         hidden_size=VISION_HIDDEN,
         intermediate_size=2 * VISION_HIDDEN,
@@ -77,8 +71,18 @@ def _configs(tokenizer):
         temporal_patch_size=TEMPORAL_PATCH,
         window_size=WINDOW,
         fullatt_block_indexes=[VISION_DEPTH - 1],
-        tokens_per_second=2,
     )
+
+
+def _configs(tokenizer):
+    import transformers as tf
+
+    text = qwen2_text_config(
+        tokenizer,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
+                         "mrope_section": MROPE_SECTION},
+    )
+    vision = {**vision_config(), "tokens_per_second": 2}
     cfg = tf.Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
